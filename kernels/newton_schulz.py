@@ -1,0 +1,49 @@
+"""Newton-Schulz orthogonalisation used by Muon: torch reference (the CPU path and test oracle)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# (a, b, c) of the quintic X <- aX + (bA + cA^2)X, A = X X^T; Keller Jordan's Muon coefficients.
+MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+
+def _per_step(coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """Accept one (a, b, c) triple for every step, or one triple per step."""
+    if len(coefficients) == 3 and all(isinstance(x, (int, float)) for x in coefficients):
+        return [tuple(coefficients)] * steps  # type: ignore[list-item]
+    coefficients = [tuple(c) for c in coefficients]
+    if len(coefficients) != steps or any(len(c) != 3 for c in coefficients):
+        raise ValueError(f"need one (a, b, c) triple or {steps} of them, got {coefficients}")
+    return coefficients  # type: ignore[return-value]
+
+
+def newton_schulz_reference(
+    grad: torch.Tensor,
+    steps: int = 5,
+    coefficients: Sequence = MUON_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Approximately orthogonalise each matrix in ``grad`` (shape [..., rows, cols]).
+
+    Tall matrices are transposed so the Gram matrix is the small one, the input is normalised by
+    its Frobenius norm so the spectral norm is <= 1, then ``steps`` quintic iterations run in
+    ``dtype`` (default: the input's). Returns a tensor of the input's shape and dtype.
+    """
+    if grad.dim() < 2:
+        raise ValueError(f"Newton-Schulz needs matrices, got shape {tuple(grad.shape)}")
+    work = grad.to(dtype or grad.dtype)
+    tall = work.size(-2) > work.size(-1)
+    if tall:
+        work = work.mT
+    work = work / work.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for a, b, c in _per_step(coefficients, steps):
+        gram = work @ work.mT
+        poly = b * gram + c * (gram @ gram)
+        work = a * work + poly @ work
+    if tall:
+        work = work.mT
+    return work.to(grad.dtype)

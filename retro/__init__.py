@@ -1,0 +1,1 @@
+"""retro: retrofit depth recurrence into pretrained language models."""
