@@ -1,10 +1,17 @@
-"""Newton-Schulz orthogonalisation used by Muon: torch reference (the CPU path and test oracle)."""
+"""Newton-Schulz orthogonalisation used by Muon.
+
+:func:`newton_schulz_reference` is plain torch (the CPU path and the test oracle);
+:func:`newton_schulz` is what Muon calls: the same routine, with the iterations in Triton
+(symmetric kernels, see :mod:`retro.kernels.triton_newton_schulz`) on CUDA.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+from retro.kernels.dispatch import use_triton
 
 # (a, b, c) of the quintic X <- aX + (bA + cA^2)X, A = X X^T; Keller Jordan's Muon coefficients.
 MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -47,3 +54,35 @@ def newton_schulz_reference(
     if tall:
         work = work.mT
     return work.to(grad.dtype)
+
+
+def newton_schulz(
+    grad: torch.Tensor,
+    steps: int = 5,
+    coefficients: Sequence = MUON_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`newton_schulz_reference` with the iterations in Triton when dispatch says so.
+
+    Same arguments, shapes and result; any leading dims form a batch of same-shape matrices.
+    Normalisation and the tall/wide transpose stay in torch (cheap, memory-bound); the
+    iterations run as three kernels each (X X^T and bA + cA^2 on one triangle, aX + PX).
+    """
+    if grad.dim() < 2:
+        raise ValueError(f"Newton-Schulz needs matrices, got shape {tuple(grad.shape)}")
+    work = grad.to(dtype or grad.dtype)
+    if not use_triton(work):
+        return newton_schulz_reference(grad, steps, coefficients, eps, dtype)
+    from retro.kernels.triton_newton_schulz import newton_schulz_triton
+
+    tall = work.size(-2) > work.size(-1)
+    if tall:
+        work = work.mT
+    wide_shape = work.shape
+    work = work / work.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    stack = work.reshape(-1, *wide_shape[-2:]).contiguous()
+    out = newton_schulz_triton(stack, _per_step(coefficients, steps)).view(wide_shape)
+    if tall:
+        out = out.mT
+    return out.to(grad.dtype)

@@ -1,0 +1,79 @@
+"""Backend choice for the fused kernels: Triton on CUDA, the torch reference otherwise.
+
+``RETRO_KERNELS`` (environment) or :func:`set_backend` (config) selects:
+
+* ``auto``   (default) Triton when every tensor is on CUDA and ``triton`` imports, else torch;
+* ``torch``  always the plain-torch reference;
+* ``triton`` always Triton; CPU tensors are allowed only under ``TRITON_INTERPRET=1`` (the tests).
+
+The config setting, when given, wins over the environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "RETRO_KERNELS"
+# dtypes the Triton kernels accept (tl.dot with fp32 accumulation); others take the torch path.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_forced: str | None = None
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a kernel backend; choose one of {BACKENDS}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend from config (``auto``/``torch``/``triton``); ``None`` defers to the env."""
+    global _forced
+    _forced = None if name is None else _check(name, "kernels backend")
+
+
+def get_backend() -> str:
+    """The backend in force: the config setting if any, else ``$RETRO_KERNELS``, else ``auto``."""
+    if _forced is not None:
+        return _forced
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported (not whether a GPU exists)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Decide the path for one call from the backend setting and the tensors' device and dtype."""
+    backend = get_backend()
+    if backend == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    supported = all(t.dtype in TRITON_DTYPES for t in tensors)
+    if backend == "auto":
+        return on_cuda and supported and triton_available()
+    if not triton_available():
+        raise RuntimeError(f"{ENV_VAR}=triton but the triton package is not installed")
+    if not supported:
+        raise TypeError(
+            f"{ENV_VAR}=triton: Triton kernels take {TRITON_DTYPES}, "
+            f"got {sorted({str(t.dtype) for t in tensors})}"
+        )
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            f"{ENV_VAR}=triton with CPU tensors: set TRITON_INTERPRET=1 to run the Triton "
+            "interpreter on CPU, or use RETRO_KERNELS=auto"
+        )
+    return True

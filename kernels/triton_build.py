@@ -1,0 +1,39 @@
+"""Lazy decoration of Triton kernels, so ``TRITON_INTERPRET`` is read at first use.
+
+``triton.jit`` chooses between the compiler and the CPU interpreter when it *decorates* a function,
+from the environment at that moment. Decorating at import time would freeze that choice for the
+whole process (a test that sets ``TRITON_INTERPRET=1`` after something imported the module would
+get GPU kernels). Here the plain functions are decorated on first launch, once per mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from retro.kernels.dispatch import interpreting
+
+
+@functools.cache
+def _jit(fn: Callable, interpret: bool, configs: tuple | None, key: tuple[str, ...]) -> Any:
+    import triton
+
+    del interpret  # part of the cache key only: triton.jit reads TRITON_INTERPRET itself
+    kernel = triton.jit(fn)
+    if configs is None:
+        return kernel
+    return triton.autotune(configs=[triton.Config(dict(c), num_warps=w, num_stages=s)
+                                    for c, w, s in configs], key=list(key))(kernel)
+
+
+def kernel(fn: Callable, gpu_configs: Sequence[tuple[dict, int, int]], key: Sequence[str]) -> Any:
+    """The Triton kernel for ``fn`` in the current mode.
+
+    Compiled mode: autotuned over ``gpu_configs`` (meta-parameters, num_warps, num_stages) keyed by
+    ``key``. Interpreter mode: the bare kernel; the caller passes small fixed block sizes.
+    """
+    if interpreting():
+        return _jit(fn, True, None, ())
+    frozen = tuple((tuple(sorted(c.items())), w, s) for c, w, s in gpu_configs)
+    return _jit(fn, False, frozen, tuple(key))
