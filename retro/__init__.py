@@ -1,1 +1,15 @@
-"""retro: retrofit depth recurrence into pretrained language models."""
+"""retro: retrofit depth recurrence into pretrained language models.
+
+Importing retro registers `RetroConfig` / `RetroForCausalLM` with transformers' Auto classes, so
+`AutoModelForCausalLM.from_pretrained(converted_dir)` returns a `RetroForCausalLM`.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from retro.model import RetroForCausalLM, RetroModel
+from retro.model_config import RetroConfig
+
+AutoConfig.register("retro", RetroConfig, exist_ok=True)
+AutoModelForCausalLM.register(RetroConfig, RetroForCausalLM, exist_ok=True)
+
+__all__ = ["RetroConfig", "RetroForCausalLM", "RetroModel"]

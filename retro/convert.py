@@ -1,0 +1,156 @@
+"""`python -m retro.convert`: turn a local Hugging Face decoder into a depth-recurrent checkpoint.
+
+Everything that can be wrong with the request is checked before any weight is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from retro.archs import architecture_for
+from retro.hf_weights import WeightReader, save_sharded
+from retro.model_config import STATE_INITS, RetroConfig
+from retro.surgery import LayerPlan, build_state_dict, plan_from_ranges, plan_from_shape, static_plan
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def _check_output_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise FileExistsError(f"output directory {out_dir} exists and is not empty; pass --force to overwrite it")
+        shutil.rmtree(out_dir)
+
+
+def _load_source_config(model_dir: Path):
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"source model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face checkpoint directory")
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    arch = architecture_for(model_type)
+    return AutoConfig.from_pretrained(model_dir), arch
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--shape must be three integers P,R,C (e.g. 4,8,4), got {text!r}") from None
+    if len(values) != 3:
+        raise ValueError(f"--shape must be three integers P,R,C (e.g. 4,8,4), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def convert(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    shape: tuple[int, int, int] | None = None,
+    layers: str | None = None,
+    static: bool = False,
+    adapter_init: str = "identity",
+    state_init: str = "trunc_normal",
+    default_recurrences: int = 1,
+    force: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Write a RetroForCausalLM checkpoint (config, safetensors, tokenizer files); return a summary."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if sum(x is not None and x is not False for x in (shape, layers, static)) != 1:
+        raise ValueError("give exactly one of --shape P,R,C, --layers a-b,c-d,e-f or --static")
+    if adapter_init not in ("identity", "default"):
+        raise ValueError(f"--adapter-init must be identity or default, got {adapter_init!r}")
+    if state_init not in STATE_INITS:
+        raise ValueError(f"--state-init must be one of {STATE_INITS}, got {state_init!r}")
+    hf_config, arch = _load_source_config(model_dir)
+    num_layers = hf_config.num_hidden_layers
+    plan: LayerPlan = static_plan(num_layers) if static else plan_from_ranges(num_layers, layers) if layers else plan_from_shape(num_layers, *shape)
+    _check_output_dir(out_dir, force)
+    reader = WeightReader(model_dir)
+
+    fields = arch.config_fields(hf_config)
+    config = RetroConfig(
+        **fields,
+        n_prelude=len(plan.prelude), n_recurrent=len(plan.block), n_coda=len(plan.coda),
+        state_init=state_init, default_recurrences=default_recurrences,
+        source_layers={"prelude": plan.prelude, "block": plan.block, "coda": plan.coda},
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["RetroForCausalLM"]
+    tensors = build_state_dict(reader.get, arch, fields, plan, bool(getattr(hf_config, "tie_word_embeddings", False)))
+    if config.is_recurrent:
+        h = config.hidden_size
+        weight = torch.zeros(h, 2 * h, dtype=torch.float32)
+        if adapter_init == "identity":
+            weight[:, h:] = torch.eye(h)
+        else:
+            bound = 1.0 / (2 * h) ** 0.5
+            weight.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
+        tensors["model.adapter.weight"] = weight.to(tensors["model.embed_tokens.weight"].dtype)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    config.save_pretrained(out_dir)
+    save_sharded(tensors, out_dir)
+    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and shutil.copy2(model_dir / name, out_dir / name)]
+
+    source_params = sum(reader.get(n).numel() for n in reader.file_of)
+    summary = {
+        "source": str(model_dir), "out": str(out_dir), "model_type": arch.model_type, "source_layers": num_layers,
+        "prelude": plan.prelude, "block": plan.block, "coda": plan.coda, "dropped": plan.dropped(num_layers),
+        "source_parameters": source_params, "parameters": sum(t.numel() for t in tensors.values()),
+        "adapter_init": adapter_init, "state_init": state_init, "tokenizer_files": copied,
+    }
+    (out_dir / "conversion.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    def rng(layers):
+        return f"{layers[0]}..{layers[-1]}" if layers else "-"
+    lines = [
+        f"converted {s['model_type']} ({s['source_layers']} layers) from {s['source']} -> {s['out']}",
+        f"  prelude {rng(s['prelude'])}  block {rng(s['block'])}  coda {rng(s['coda'])}  dropped {s['dropped'] or 'none'}",
+        f"  unique parameters: {s['source_parameters']:,} -> {s['parameters']:,} (head untied, adapter {s['adapter_init']})",
+        f"  tokenizer files copied: {', '.join(s['tokenizer_files']) or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retro.convert", description=__doc__)
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    parser.add_argument("--out", required=True, help="output directory for the recurrent checkpoint")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--shape", help="P,R,C: first P layers, last C layers, the R layers before the coda")
+    group.add_argument("--layers", help="explicit inclusive ranges prelude,block,coda, e.g. 0-3,10-17,18-21")
+    group.add_argument("--static", action="store_true", help="keep every layer, no recurrence (the static baseline)")
+    parser.add_argument("--adapter-init", default="identity", choices=["identity", "default"])
+    parser.add_argument("--state-init", default="trunc_normal", choices=list(STATE_INITS))
+    parser.add_argument("--default-recurrences", type=int, default=1, help="r used when a caller passes none")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the default adapter init")
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    args = parser.parse_args(argv)
+    try:
+        summary = convert(
+            args.model, args.out, shape=parse_shape(args.shape) if args.shape else None, layers=args.layers,
+            static=args.static, adapter_init=args.adapter_init, state_init=args.state_init,
+            default_recurrences=args.default_recurrences, force=args.force, seed=args.seed,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        print(f"retro.convert: error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
