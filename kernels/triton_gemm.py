@@ -35,8 +35,8 @@ def _gemm_kernel(
 ):
     # Grouped tile order: GROUP_M row-tiles share column-tiles of B while they sit in L2.
     pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -48,7 +48,7 @@ def _gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,

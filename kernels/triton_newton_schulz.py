@@ -54,7 +54,7 @@ def _sym_kernel(
     rows = r * BLOCK + tl.arange(0, BLOCK)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    acc = tl.full((BLOCK, BLOCK), 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         a = tl.load(x_ptr + rows[:, None] * stride_xr + kk[None, :] * stride_xk,
@@ -90,8 +90,8 @@ def _update_kernel(
     p_ptr += batch * stride_pb
     x_ptr += batch * stride_xb
     out_ptr += batch * stride_ob
-    tiles_m = tl.cdiv(m, BLOCK_M)
-    tiles_n = tl.cdiv(n, BLOCK_N)
+    tiles_m = (m + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (n + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -101,7 +101,7 @@ def _update_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(0, m, BLOCK_K):
         kk = k0 + rk
         a = tl.load(p_ptr + rm[:, None] * stride_pr + kk[None, :] * stride_pc,

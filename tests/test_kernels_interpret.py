@@ -1,0 +1,180 @@
+"""Triton kernels under the CPU interpreter (TRITON_INTERPRET=1) against their torch references.
+
+Every output buffer the kernels allocate is poisoned with NaN first (the wrappers allocate through
+one `empty` function per module, patched here), so an element a kernel fails to write shows up.
+Sizes are odd on purpose (not multiples of the 16/32 interpreter blocks) so the masks are exercised.
+Relative error = max|out - ref| / max|ref|. bf16 is not tested here: the interpreter multiplies
+bf16 bit patterns in tl.dot (triton-lang/triton#11584); fp16 covers the low-precision code path
+and tests/test_kernels_gpu.py covers bf16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retro.kernels import dispatch, triton_build
+from retro.kernels.adapter import adapter, adapter_injection, adapter_reference
+from retro.kernels.newton_schulz import MUON_COEFFICIENTS, newton_schulz, newton_schulz_reference
+
+triton = pytest.importorskip("triton")
+from retro.kernels import triton_gemm, triton_newton_schulz  # noqa: E402  (needs triton)
+
+
+def _poisoned_empty(shape, like):
+    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    dispatch.set_backend("triton")
+    monkeypatch.setattr(triton_gemm, "empty", _poisoned_empty)
+    monkeypatch.setattr(triton_newton_schulz, "empty", _poisoned_empty)
+    torch.manual_seed(0)
+    yield
+    dispatch.set_backend(None)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not out.isnan().any(), "kernel left unwritten (NaN-poisoned) elements"
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def test_interpreter_takes_effect(monkeypatch):
+    """The lazily decorated kernels follow TRITON_INTERPRET at first use, and run on CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fn = triton_build.kernel(triton_gemm._gemm_kernel, triton_gemm._GPU_CONFIGS, key=("M",))
+    assert isinstance(fn, InterpretedFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    compiled = triton_build.kernel(triton_gemm._gemm_kernel, triton_gemm._GPU_CONFIGS, key=("M",))
+    assert isinstance(compiled, triton.runtime.Autotuner) and not isinstance(compiled, InterpretedFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    assert a.device.type == "cpu"
+    assert rel_err(triton_gemm.gemm(a, b), a @ b) < 1e-5
+
+
+# ---- adapter ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lead,h", [((), 37), ((7,), 64), ((3, 5), 37), ((2, 3, 4), 50)])
+def test_adapter_forward_backward_match_reference(lead, h):
+    """Slices of one [h, 2h] weight, as the model passes them; grads flow back into W and e."""
+    weight = torch.randn(h, 2 * h) / h**0.5
+    state0 = torch.randn(*lead, h)
+    e0 = torch.randn(*lead, h)
+    grad_out = torch.randn(*lead, h)
+
+    def run(fn):
+        w = weight.clone().requires_grad_()
+        state = state0.clone().requires_grad_()
+        e = e0.clone().requires_grad_()
+        y = fn(state, w[:, :h], adapter_injection(e, w[:, h:]))
+        grads = torch.autograd.grad(y, (state, w, e), grad_out)
+        return y.detach(), grads
+
+    y, grads = run(adapter)
+    y_ref, grads_ref = run(adapter_reference)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, g, g_ref in zip(("state", "W", "e"), grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-5, name
+
+
+def test_adapter_rectangular_and_strided_inputs():
+    """h_out != h_in, a transposed (non-contiguous) state and a strided injection."""
+    h_in, h_out = 23, 41
+    w = torch.randn(h_out, h_in, requires_grad=True)
+    state = torch.randn(h_in, 9).mT.requires_grad_()  # [9, h_in], column-major
+    injection = torch.randn(9, 2 * h_out)[:, ::2].requires_grad_()  # stride 2 along h_out
+    g = torch.randn(9, h_out)
+    y = adapter(state, w, injection)
+    y_ref = adapter_reference(state, w, injection)
+    assert rel_err(y.detach(), y_ref.detach()) < 1e-5
+    got = torch.autograd.grad(y, (state, w, injection), g)
+    want = torch.autograd.grad(y_ref, (state, w, injection), g)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_adapter_partial_grads_and_no_grad():
+    """No-grad recurrence passes build no graph; a frozen state gives W's gradient only."""
+    h = 19
+    w = torch.randn(h, h, requires_grad=True)
+    state, inj = torch.randn(4, h), torch.randn(4, h)
+    with torch.no_grad():
+        y = adapter(state, w, inj)
+    assert y.grad_fn is None
+    y = adapter(state, w, inj)
+    assert type(y.grad_fn).__name__ == "_FusedAdapterBackward"
+    y.square().sum().backward()
+    w_ref = w.detach().clone().requires_grad_()
+    adapter_reference(state, w_ref, inj).square().sum().backward()
+    assert rel_err(w.grad, w_ref.grad) < 1e-5
+
+
+def test_adapter_fp16():
+    h = 33
+    w = torch.randn(h, h, dtype=torch.float16) / h**0.5
+    state, inj = torch.randn(6, h).half(), torch.randn(6, h).half()
+    ref = (state.float() @ w.float().T + inj.float()).half()
+    assert rel_err(adapter(state, w, inj), ref) < 1e-2
+
+
+# ---- Newton-Schulz ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (24, 50), (50, 24), (2, 3, 20, 36), (3, 45, 17)])
+def test_newton_schulz_matches_reference(shape):
+    """Square, wide, tall and batched stacks, the full 5-step routine in fp32."""
+    grad = torch.randn(shape)
+    out = newton_schulz(grad)
+    ref = newton_schulz_reference(grad)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_newton_schulz_per_step_coefficients_and_dtype_arg():
+    grad = torch.randn(18, 30, dtype=torch.float16)
+    coeffs = [MUON_COEFFICIENTS, (3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
+    out = newton_schulz(grad, steps=3, coefficients=coeffs, dtype=torch.float32)
+    ref = newton_schulz_reference(grad, steps=3, coefficients=coeffs, dtype=torch.float32)
+    assert out.dtype == torch.float16
+    assert rel_err(out, ref) < 1e-3  # both round their fp32 result to fp16 at the end
+
+
+def test_newton_schulz_fp16_iterations():
+    grad = torch.randn(20, 37)
+    out = newton_schulz(grad, dtype=torch.float16)
+    ref = newton_schulz_reference(grad)  # fp32 iterations
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_gram_triangle_tiles_cover_the_matrix():
+    """X X^T on a 20x20 grid of 16-row tiles (210 lower-triangle programs).
+
+    Off-diagonal tiles are stored twice from one result, so they mirror bit for bit; the diagonal
+    tiles are computed whole and only agree with their transpose to rounding.
+    """
+    x = torch.randn(1, 313, 16)
+    a = triton_newton_schulz.gram(x)
+    assert rel_err(a, x @ x.mT) < 1e-5
+    tile = torch.arange(313) // 16
+    off_diagonal = tile[:, None] != tile[None, :]
+    assert torch.equal(a[0][off_diagonal], a[0].mT[off_diagonal])
+
+
+def test_each_iteration_kernel_matches_torch():
+    b_, c_ = MUON_COEFFICIENTS[1:]
+    x = torch.randn(3, 21, 35)
+    a = triton_newton_schulz.gram(x)
+    assert rel_err(a, x @ x.mT) < 1e-5
+    p = triton_newton_schulz.gram_poly(a, b_, c_)
+    assert rel_err(p, b_ * a + c_ * (a @ a)) < 1e-5
+    tile = torch.arange(21) // 16
+    off_diagonal = tile[:, None] != tile[None, :]
+    assert torch.equal(p[:, off_diagonal], p.mT[:, off_diagonal])
+    y = triton_newton_schulz.update(p, x, 3.0)
+    assert rel_err(y, 3.0 * x + p @ x) < 1e-5
