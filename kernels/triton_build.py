@@ -4,6 +4,10 @@
 from the environment at that moment. Decorating at import time would freeze that choice for the
 whole process (a test that sets ``TRITON_INTERPRET=1`` after something imported the module would
 get GPU kernels). Here the plain functions are decorated on first launch, once per mode.
+
+The same freeze applies to Triton's own jit-decorated helpers (``tl.cdiv``, ``tl.zeros``), which
+are decorated when ``triton`` is imported; the kernels therefore use only builtins (``//``,
+``tl.full``) so they run under either mode whatever the import order.
 """
 
 from __future__ import annotations

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Kernel correctness on the GPU (bf16 + fp32) and the kernel benchmark, in one go.
+#   benchmarks/gpu_check.sh RESULTS_DIR
+# Writes into RESULTS_DIR: env.txt, nvidia-smi.txt, kernels_tests.log, kernels_tests.xml,
+# kernels_bench.log, kernels_gpu.json. Exits non-zero if there is no CUDA GPU, if any test fails
+# or is skipped, or if the benchmark fails.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 RESULTS_DIR" >&2
+    exit 2
+fi
+out="$1"
+mkdir -p "$out" || { echo "gpu_check: cannot create $out" >&2; exit 2; }
+out="$(cd "$out" && pwd)"
+cd "$(dirname "$0")/.." || exit 2
+unset TRITON_INTERPRET RETRO_KERNELS  # compiled kernels, auto dispatch
+
+if ! python - > "$out/env.txt" 2>&1 <<'PY'
+import sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA GPU; this check needs one")
+import triton
+print("gpu", torch.cuda.get_device_name(0), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "triton", triton.__version__)
+PY
+then
+    cat "$out/env.txt" >&2
+    echo "gpu_check: FAILED before running anything (no CUDA GPU or no triton)" >&2
+    exit 1
+fi
+cat "$out/env.txt"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi not available" > "$out/nvidia-smi.txt"
+
+status=0
+# GPU tests (must run, not skip) plus the CPU interpreter and dispatch tests.
+RETRO_REQUIRE_GPU=1 python -m pytest tests/test_kernels_gpu.py tests/test_kernels_interpret.py \
+    tests/test_kernels_dispatch.py -v -rs --junitxml="$out/kernels_tests.xml" 2>&1 | tee "$out/kernels_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: kernel tests FAILED" >&2; status=1; }
+if grep -q "SKIPPED" "$out/kernels_tests.log"; then
+    echo "gpu_check: some kernel tests were SKIPPED (see $out/kernels_tests.log)" >&2
+    status=1
+fi
+
+python benchmarks/kernels.py --out "$out/kernels_gpu.json" 2>&1 | tee "$out/kernels_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: benchmark FAILED" >&2; status=1; }
+
+if [ "$status" -eq 0 ]; then echo "gpu_check: OK, results in $out"; else echo "gpu_check: FAILED, logs in $out" >&2; fi
+exit "$status"
