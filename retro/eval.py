@@ -1,0 +1,222 @@
+"""`python -m retro.eval`: task accuracy or validation loss of retro checkpoints at several test recurrences.
+
+    python -m retro.eval --model ckpt/recurrent --model ckpt/static --task gsm8k \\
+        --data gsm8k/test.jsonl --recurrences 1,2,4,8,16,32 --limit 200 --out eval/gsm8k
+
+writes results.json (per-recurrence metrics and per-example records), results.md (a table) and
+<task>.png (metric vs r, one line per model; a static checkpoint is a flat line). Nothing is fetched:
+--data is a local jsonl (GSM8K: question/answer; MATH-500: problem/answer) or, for --task loss, a
+directory of prepared token shards.
+
+The initial state s0 is drawn from the checkpoint's `state_init` (the paper's truncated normal by
+default) with a generator seeded by --seed, so a run is reproducible; --state-init overrides it
+(zeros or embed make the forward deterministic, independent of batch composition).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from retro.generate import GenerationSettings, generate_text
+from retro.model import RetroForCausalLM
+from retro.model_config import STATE_INITS, RetroConfig
+from retro.tasks import TASKS, Task
+
+
+def parse_recurrences(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; empty, non-integer or non-positive values are errors."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"--recurrences needs at least one positive integer (e.g. 1,2,4,8), got {text!r}")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--recurrences must be comma-separated integers, got {text!r}") from None
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise ValueError(f"--recurrences values must be >= 1, got {bad} in {text!r}")
+    return sorted(set(values))
+
+
+def load_model(path: str | Path, state_init: str | None, device: str, dtype: torch.dtype) -> RetroForCausalLM:
+    """A retro checkpoint directory; `state_init` overrides the s0 init stored in its config."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json (expected a retro.convert / retro.export output)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "retro":
+        raise ValueError(f"{path}/config.json has model_type {model_type!r}; convert it first with python -m retro.convert")
+    config = RetroConfig.from_pretrained(path)
+    if state_init is not None:
+        config.state_init = state_init
+    return RetroForCausalLM.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
+
+
+def _load_tokenizer(path: str | Path):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"no usable tokenizer in {path}: {error}") from None
+
+
+def eval_generation(model, tokenizer, task: Task, r: int, args: argparse.Namespace, label: str) -> dict:
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, num_recurrences=r, share_block_cache=args.share_kv_cache,
+        adaptive_exit=args.adaptive_exit, seed=args.seed,
+    )
+    examples = task.examples
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
+    records: list[dict | None] = [None] * len(examples)
+    passes_sum = tokens_sum = 0.0
+    for start in tqdm(range(0, len(order), args.batch_size), desc=f"{label} r={r}", unit="batch", leave=False):
+        idx = order[start : start + args.batch_size]
+        completions = generate_text(model, tokenizer, [examples[i].prompt for i in idx], settings, task.stop_strings)
+        for i, c in zip(idx, completions):
+            records[i] = {"index": i, "reference": examples[i].reference, "completion": c.text,
+                          "tokens": c.num_tokens, "mean_passes": c.mean_passes,
+                          **task.score(c.text, examples[i].reference)}
+            passes_sum += c.mean_passes * c.num_tokens
+            tokens_sum += c.num_tokens
+    metrics = {m: sum(bool(rec[m]) for rec in records) / len(records) for m in task.metrics}
+    mean_passes = passes_sum / tokens_sum if tokens_sum else float(r)
+    return {"metrics": metrics, "mean_passes": mean_passes if model.config.is_recurrent else 0, "examples": records}
+
+
+@torch.no_grad()
+def eval_loss(model, data: str, r: int, args: argparse.Namespace, label: str) -> dict:
+    """Token-weighted mean cross entropy over the validation batches of prepared shards."""
+    from retro.data.loader import build_val_batches
+
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device).manual_seed(args.seed)
+    total = tokens = 0.0
+    batches = build_val_batches(data, args.seq_len, args.batch_size, 0, 1, args.limit)
+    for batch in tqdm(batches, desc=f"{label} r={r}", unit="batch", leave=False):
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        out = model(ids, shift_labels=labels, num_recurrences=r if model.config.is_recurrent else None,
+                    generator=generator, return_logits=False)
+        n = int((labels != -100).sum())
+        total += float(out.loss) * n
+        tokens += n
+    if tokens == 0:
+        raise ValueError(f"no validation tokens in {data}")
+    return {"metrics": {"loss": total / tokens}, "mean_passes": r if model.config.is_recurrent else 0, "tokens": int(tokens)}
+
+
+def markdown_table(results: dict) -> str:
+    metrics = results["metrics"]
+    unit = "" if results["task"] == "loss" else " (%)"
+    head = ["model", "r", "mean passes", *[m + unit for m in metrics], "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in results["models"]:
+        for run in model["runs"]:
+            values = [f"{run['metrics'][m]:.4f}" if results["task"] == "loss" else f"{100 * run['metrics'][m]:.1f}" for m in metrics]
+            r = "static" if model["static"] else str(run["recurrences"])
+            lines.append(f"| {model['label']} | {r} | {run['mean_passes']:.2f} | " + " | ".join(values) + f" | {run['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _labels(paths: list[str]) -> list[str]:
+    names = [Path(p).name or str(p) for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def run(args: argparse.Namespace) -> dict:
+    recurrences = parse_recurrences(args.recurrences)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.task == "loss":
+        if not Path(args.data).is_dir():
+            raise FileNotFoundError(f"--task loss needs a directory of prepared shards; {args.data} is not a directory")
+        task, metrics = None, ("loss",)
+    else:
+        task = TASKS[args.task](args.data, args.limit, args.fewshot, args.fewshot_data)
+        metrics = task.metrics
+    dtype = getattr(torch, args.dtype)
+    results = {"task": args.task, "data": str(args.data), "metrics": list(metrics), "models": [],
+               "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out", "argv")},
+               "command": "python -m retro.eval " + " ".join(shlex.quote(a) for a in args.argv),
+               "torch": torch.__version__, "machine": platform.platform()}
+    for path, label in zip(args.model, _labels(args.model)):
+        model = load_model(path, args.state_init, args.device, dtype)
+        tokenizer = _load_tokenizer(path) if task is not None else None
+        static = not model.config.is_recurrent
+        entry = {"model": str(path), "label": label, "static": static, "runs": []}
+        for r in recurrences[:1] if static else recurrences:
+            start = time.perf_counter()
+            if task is None:
+                run_result = eval_loss(model, args.data, r, args, label)
+            else:
+                run_result = eval_generation(model, tokenizer, task, r, args, label)
+            n = run_result.get("tokens", len(run_result.get("examples", [])))
+            entry["runs"].append({"recurrences": None if static else r, "n": n,
+                                  "seconds": round(time.perf_counter() - start, 3), **run_result})
+            shown = ", ".join(f"{m}={v:.4f}" for m, v in run_result["metrics"].items())
+            print(f"{label}  r={'static' if static else r}  mean passes {run_result['mean_passes']:.2f}  {shown}", flush=True)
+        results["models"].append(entry)
+        del model
+    return results
+
+
+def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
+    from retro.plots import plot_results
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / f"{results['task']}.png"}
+    paths["json"].write_text(json.dumps(results, indent=2))
+    paths["markdown"].write_text(markdown_table(results))
+    plot_results(results, paths["plot"])
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m retro.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help="retro checkpoint directory (repeat for several models)")
+    p.add_argument("--task", required=True, choices=[*TASKS, "loss"])
+    p.add_argument("--data", required=True, help="local jsonl (gsm8k, math) or prepared shard directory (loss)")
+    p.add_argument("--recurrences", default="1,2,4,8,16,32", help="comma-separated test recurrences (max r with --adaptive-exit)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems (loss: N batches)")
+    p.add_argument("--fewshot", type=int, default=1, help="number of exemplars in the prompt")
+    p.add_argument("--fewshot-data", default=None, help="jsonl to draw exemplars from (default: built-in ones)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--adaptive-exit", type=float, default=None, metavar="THRESH", help="per-token KL exit threshold")
+    p.add_argument("--share-kv-cache", action="store_true", help="keep only the last pass's block K/V (r x less memory)")
+    p.add_argument("--state-init", choices=list(STATE_INITS), default=None, help="override the checkpoint's s0 init")
+    p.add_argument("--seed", type=int, default=0, help="seed of s0 draws (and sampling)")
+    p.add_argument("--seq-len", type=int, default=1024, help="--task loss: tokens per row")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="eval_out", help="output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv)
+    try:
+        results = run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"retro.eval: error: {error}", file=sys.stderr)
+        return 2
+    paths = write_outputs(results, Path(args.out))
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
