@@ -22,14 +22,8 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim.adamw import adamw
 
+from retro.kernels.newton_schulz import MUON_COEFFICIENTS, newton_schulz
 from retro.optim.exchange import Block, RowExchange, assign_owners, newton_schulz_cost
-
-try:
-    from retro.kernels.newton_schulz import newton_schulz
-except ImportError:  # the Triton dispatcher has not landed yet: use the torch reference
-    from retro.kernels.newton_schulz import newton_schulz_reference as newton_schulz
-
-from retro.kernels.newton_schulz import MUON_COEFFICIENTS
 
 SCALE_RULES = ("original", "match_rms_adamw")
 NS_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
