@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from retro.kernels.adapter import adapter, adapter_injection
+
 
 class Adapter(nn.Module):
     def __init__(self, hidden_size: int) -> None:
@@ -31,9 +33,8 @@ class Adapter(nn.Module):
 
     def injection(self, e: torch.Tensor) -> torch.Tensor:
         """W_inject @ e, computed once per forward and reused by every pass."""
-        return e @ self.weight[:, self.hidden_size :].mT
+        return adapter_injection(e, self.weight[:, self.hidden_size :])
 
     def forward(self, state: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
-        w_state = self.weight[:, : self.hidden_size]
-        h = self.hidden_size
-        return torch.addmm(injection.reshape(-1, h), state.reshape(-1, h), w_state.mT).view(state.shape)
+        """W_state @ state + injection (Triton-fused on CUDA, torch.addmm-style reference elsewhere)."""
+        return adapter(state, self.weight[:, : self.hidden_size], injection)

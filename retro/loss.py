@@ -25,19 +25,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk_rows):
             h = hidden[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
-            logits = (h @ weight.mT).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            keep = t != IGNORE_INDEX
-            safe_t = t.clamp(min=0)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - picked) * keep).sum()
+            keep = (t != IGNORE_INDEX)[:, None]
+            safe_t = t.clamp(min=0)[:, None]
+            log_probs = torch.log_softmax((h @ weight.mT).float(), dim=-1)
+            total -= (log_probs.gather(1, safe_t) * keep).sum()
             if needs_grad:
-                grad_logits = (logits - lse[:, None]).exp_()  # softmax, reusing lse
-                grad_logits.scatter_add_(1, safe_t[:, None], -keep[:, None].to(grad_logits.dtype))
-                grad_logits *= keep[:, None] / count
+                # d loss / d logits = (softmax - onehot) * keep / count; the row scale is applied to
+                # the small [rows, h] operands instead of the [rows, vocab] matrix.
+                grad_logits = log_probs.exp_()
+                grad_logits.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad_logits.dtype))
                 grad_logits = grad_logits.to(hidden.dtype)
-                grad_hidden[start : start + chunk_rows] = grad_logits @ weight
-                grad_weight.addmm_(grad_logits.mT.float(), h.float())
+                row_scale = keep.to(hidden.dtype) / count
+                grad_hidden[start : start + chunk_rows] = (grad_logits @ weight) * row_scale
+                grad_weight.addmm_(grad_logits.mT.float(), (h * row_scale).float())
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / count
