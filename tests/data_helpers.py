@@ -1,0 +1,50 @@
+"""Tiny local tokenizers and corpora for the data tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+)
+
+
+def word_tokenizer(directory: Path, num_words: int, chat: bool = False) -> Path:
+    """WordLevel tokenizer over words w0..w{num_words-1} plus [UNK], [EOS]; saved as an HF dir.
+
+    num_words > 65534 makes a vocabulary that needs uint32 ids.
+    """
+    vocab = {"[UNK]": 0, "[EOS]": 1}
+    for i in range(num_words):
+        vocab[f"w{i}"] = i + 2
+    if chat:
+        for role in ("user", "assistant"):
+            vocab[f"<|{role}|>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def random_docs(n: int, num_words: int, seed: int = 0, min_len: int = 1, max_len: int = 40,
+                low: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        " ".join(f"w{rng.randrange(low, num_words)}" for _ in range(rng.randint(min_len, max_len)))
+        for _ in range(n)
+    ]
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({field: d}) + "\n")
+    return path
