@@ -94,7 +94,7 @@ def convert(
         else:
             bound = 1.0 / (2 * h) ** 0.5
             weight.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
-        tensors["model.adapter.weight"] = weight.to(tensors["model.embed_tokens.weight"].dtype)
+        tensors["model.recurrent.adapter.weight"] = weight.to(tensors["model.embed_tokens.weight"].dtype)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config.dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")

@@ -1,7 +1,7 @@
 """`RetroForCausalLM`: embed -> prelude -> adapter + recurrent block (r passes) -> coda -> norm -> head.
 
 Single-device code: sharding, activation checkpointing and compile are applied from outside
-(retro/parallel.py); `checkpoint_passes` is the hook for per-recurrence checkpointing.
+(retro/parallel.py); `RecurrentCore.checkpoint_passes` is the hook for per-recurrence checkpointing.
 """
 
 from __future__ import annotations
@@ -87,17 +87,51 @@ class RetroPreTrainedModel(PreTrainedModel):
             module.inv_freq.copy_(inverse_frequencies(self.config.head_dim, self.config.rope_parameters))
 
 
+class RecurrentCore(nn.Module):
+    """Adapter + recurrent block, and the loop over passes.
+
+    The whole loop is one module call so FSDP2 can shard it as one unit: its weights are gathered
+    once per forward and once per backward however many passes run (not once per pass).
+    """
+
+    def __init__(self, config: RetroConfig) -> None:
+        super().__init__()
+        self.adapter = Adapter(config.hidden_size)
+        self.block = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_recurrent))
+        self.checkpoint_passes = False  # per-recurrence activation checkpointing, set by retro.parallel
+
+    def recurrence_pass(self, state, injection, rope, mask, cache: KVCache | None, pass_index: int) -> torch.Tensor:
+        """One pass: adapter then the block's layers. The unit of activation checkpointing."""
+        state = self.adapter(state, injection)
+        for i, layer in enumerate(self.block):
+            state = layer(state, rope, mask, cache.slot(("block", pass_index, i)) if cache is not None else None)
+        return state
+
+    def _run_pass(self, state, injection, rope, mask, cache, pass_index):
+        if self.checkpoint_passes and cache is None and torch.is_grad_enabled():
+            return checkpoint(self.recurrence_pass, state, injection, rope, mask, None, pass_index, use_reentrant=False)
+        return self.recurrence_pass(state, injection, rope, mask, cache, pass_index)
+
+    def forward(self, e, state, rope, mask, cache: KVCache | None, n: int, k: int) -> torch.Tensor:
+        """n passes under no_grad (truncated backprop), then k passes with grad; e is the prelude output."""
+        injection = self.adapter.injection(e)
+        with torch.no_grad():
+            for p in range(n):
+                state = self._run_pass(state, injection, rope, mask, cache, p)
+        for p in range(n, n + k):
+            state = self._run_pass(state, injection, rope, mask, cache, p)
+        return state
+
+
 class RetroModel(RetroPreTrainedModel):
     def __init__(self, config: RetroConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.prelude = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_prelude))
-        self.adapter = Adapter(config.hidden_size) if config.is_recurrent else None
-        self.block = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_recurrent))
+        self.recurrent = RecurrentCore(config) if config.is_recurrent else None
         self.coda = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_coda))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.register_buffer("inv_freq", inverse_frequencies(config.head_dim, config.rope_parameters), persistent=False)
-        self.checkpoint_passes = False  # per-recurrence activation checkpointing, set by retro.parallel
         self.post_init()
 
     def initial_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -111,18 +145,6 @@ class RetroModel(RetroPreTrainedModel):
         state = torch.empty(e.shape, dtype=torch.float32, device=e.device)
         nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std, generator=generator)
         return state.to(e.dtype)
-
-    def recurrence_pass(self, state, injection, rope, mask, cache: KVCache | None, pass_index: int) -> torch.Tensor:
-        """One pass: adapter then the block's layers. The unit of activation checkpointing."""
-        state = self.adapter(state, injection)
-        for i, layer in enumerate(self.block):
-            state = layer(state, rope, mask, cache.slot(("block", pass_index, i)) if cache is not None else None)
-        return state
-
-    def _run_pass(self, state, injection, rope, mask, cache, pass_index):
-        if self.checkpoint_passes and cache is None and torch.is_grad_enabled():
-            return checkpoint(self.recurrence_pass, state, injection, rope, mask, None, pass_index, use_reentrant=False)
-        return self.recurrence_pass(state, injection, rope, mask, cache, pass_index)
 
     def forward(
         self,
@@ -150,16 +172,10 @@ class RetroModel(RetroPreTrainedModel):
 
         for i, layer in enumerate(self.prelude):
             x = layer(x, rope, mask, slot(("prelude", i)))
-        if self.adapter is not None:
+        if self.recurrent is not None:
             n, k = split_recurrences(num_recurrences, self.config.default_recurrences)
-            injection = self.adapter.injection(x)
             state = initial_state if initial_state is not None else self.initial_state(x, generator)
-            with torch.no_grad():
-                for p in range(n):
-                    state = self._run_pass(state, injection, rope, mask, cache, p)
-            for p in range(n, n + k):
-                state = self._run_pass(state, injection, rope, mask, cache, p)
-            x = state
+            x = self.recurrent(x, state, rope, mask, cache, n, k)
         for i, layer in enumerate(self.coda):
             x = layer(x, rope, mask, slot(("coda", i)))
         return self.norm(x)

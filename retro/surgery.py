@@ -77,7 +77,7 @@ def build_state_dict(read, arch: Architecture, fields: dict, plan: LayerPlan, ti
     """Our tensors from the source's: layers renumbered per stage, q|k|v and gate|up fused, head untied."""
     sources = arch.layer_sources(fields)
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": read("model.embed_tokens.weight")}
-    for stage, layers in (("prelude", plan.prelude), ("block", plan.block), ("coda", plan.coda)):
+    for stage, layers in (("prelude", plan.prelude), ("recurrent.block", plan.block), ("coda", plan.coda)):
         for new_index, old_index in enumerate(layers):
             for ours, theirs in sources.items():
                 parts = [read(f"model.layers.{old_index}.{name}") for name in theirs]

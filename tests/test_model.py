@@ -65,7 +65,7 @@ def _tiny_recurrent(**overrides) -> retro.RetroForCausalLM:
     config = retro.RetroConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_attention_heads=4,
                                num_key_value_heads=2, n_prelude=1, n_recurrent=2, n_coda=1, **overrides)
     model = retro.RetroForCausalLM(config)
-    model.model.adapter.reset_default(torch.Generator().manual_seed(1))
+    model.model.recurrent.adapter.reset_default(torch.Generator().manual_seed(1))
     return model
 
 
@@ -84,14 +84,15 @@ def test_truncated_backprop_equals_explicit_passes():
     rope = retro.rope.rope_cos_sin(inner.inv_freq, torch.arange(9).expand(2, -1), x.dtype)
     for layer in inner.prelude:
         x = layer(x, rope)
-    injection = inner.adapter.injection(x)
+    core = inner.recurrent
+    injection = core.adapter.injection(x)
     state = torch.zeros_like(x)
     with torch.no_grad():
         for p in range(n):
-            state = inner.recurrence_pass(state, injection, rope, None, None, p)
+            state = core.recurrence_pass(state, injection, rope, None, None, p)
     assert not state.requires_grad  # nothing before pass n can receive gradient
     for p in range(n, n + k):
-        state = inner.recurrence_pass(state, injection, rope, None, None, p)
+        state = core.recurrence_pass(state, injection, rope, None, None, p)
     for layer in inner.coda:
         state = layer(state, rope)
     logits = model.lm_head(inner.norm(state))
@@ -105,10 +106,10 @@ def test_truncation_blocks_gradient_of_early_passes():
     model = _tiny_recurrent(state_init="zeros")
     ids = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(3))
     model(ids, labels=ids, num_recurrences=(4, 1)).loss.backward()
-    truncated = model.model.adapter.weight.grad.clone()
+    truncated = model.model.recurrent.adapter.weight.grad.clone()
     model.zero_grad()
     model(ids, labels=ids, num_recurrences=5).loss.backward()
-    full = model.model.adapter.weight.grad
+    full = model.model.recurrent.adapter.weight.grad
     assert not torch.allclose(truncated, full)  # full backprop sees the 4 extra passes
 
 
