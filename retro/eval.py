@@ -96,7 +96,9 @@ def eval_generation(model, tokenizer, task: Task, r: int, args: argparse.Namespa
 def eval_loss(model, data: str, r: int, args: argparse.Namespace, label: str) -> dict:
     """Token-weighted mean cross entropy over the validation batches of prepared shards."""
     from retro.data.loader import build_val_batches
+    from retro.data.shards import check_tokenizer_matches
 
+    check_tokenizer_matches(data, model.config.vocab_size)  # ids beyond the model's vocabulary fail here
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(args.seed)
     total = tokens = 0.0

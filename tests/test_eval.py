@@ -138,3 +138,43 @@ def test_parse_recurrences():
     for bad in ("", " , ", "-1", "1.5"):
         with pytest.raises(ValueError):
             parse_recurrences(bad)
+
+
+def test_validation_loss_on_prepared_shards(setup, tmp_path, capsys):
+    """--task loss equals a direct token-weighted cross entropy over the same val windows, per r."""
+    import torch
+
+    from retro.data.loader import build_val_batches
+    from retro.data.prepare import main as prepare_main
+    from retro.model import RetroForCausalLM
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Line {i}: the cat sat on mat number {i * 7}.\n" for i in range(40)))
+    shards = tmp_path / "shards"
+    assert prepare_main(["--input", str(text), "--tokenizer", str(setup["recurrent"]), "--out", str(shards),
+                         "--val-fraction", "0.5", "--quiet"]) == 0
+    out = tmp_path / "loss"
+    rc, _, err = run_eval(capsys, "--model", setup["recurrent"], "--model", setup["static"], "--task", "loss",
+                          "--data", shards, "--recurrences", "1,3", "--seq-len", "32", "--batch-size", "2",
+                          "--limit", "3", "--out", out)
+    assert rc == 0, err
+    results = json.loads((out / "results.json").read_text())
+    model = RetroForCausalLM.from_pretrained(setup["recurrent"]).eval()
+    for run in results["models"][0]["runs"]:
+        total = count = 0.0
+        with torch.no_grad():
+            for batch in build_val_batches(shards, 32, 2, 0, 1, 3):
+                logits = model(batch["input_ids"], num_recurrences=run["recurrences"]).logits
+                total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum"))
+                count += batch["labels"].numel()
+        assert run["tokens"] == count == 3 * 2 * 32
+        assert run["metrics"]["loss"] == pytest.approx(total / count, rel=1e-5)
+    losses = [run["metrics"]["loss"] for run in results["models"][0]["runs"]]
+    assert losses[0] != pytest.approx(losses[1], rel=1e-4)
+    assert results["models"][1]["static"] and len(results["models"][1]["runs"]) == 1
+    assert (out / "loss.png").is_file() and "| static | static |" in (out / "results.md").read_text()
+
+
+def test_loss_task_needs_a_shard_directory(setup, tmp_path, capsys):
+    rc, _, err = run_eval(capsys, "--model", setup["recurrent"], "--task", "loss", "--data", setup["gsm8k"], "--out", tmp_path / "o")
+    assert rc == 2 and "not a directory" in err
