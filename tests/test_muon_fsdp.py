@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 
 from retro.optim import build_optimizer
-from test_muon import Toy, batches
+from test_muon import Toy, batches, fp32_close
 
 LRS = dict(muon_lr=0.02, adamw_lr=1e-3, ns_dtype="float32")
 
@@ -57,8 +57,7 @@ def _equal_to_single_process(rank: int, world: int, out: Path) -> None:
     for name, p in model.named_parameters():
         full, expected = p.full_tensor(), ref.get_parameter(name)
         errors[name] = [
-            ((full - expected).norm() / expected.norm()).item(),
-            ((full - expected).norm() / (expected - start[name]).norm()).item(),
+            (full - expected).norm().item(), expected.norm().item(), (expected - start[name]).norm().item()
         ]
     if rank == 0:
         (out / "result.json").write_text(json.dumps(errors))
@@ -147,12 +146,13 @@ def _spawn(scenario: str, world: int, out: Path) -> None:
 def test_fsdp_equals_single_process(world, tmp_path):
     """After 5 steps every FSDP2 parameter (uneven 7-, 3- and 28-row shards included; with 4 ranks
     the 3-row matrix leaves rank 3 empty, and q/k/v blocks cross shard edges) equals the
-    single-process optimizer's: 1e-6 relative to the parameter, 1e-5 relative to its displacement."""
+    single-process optimizer's: 1e-6 relative to the parameter, 1e-5 relative to its displacement
+    (plus 4 fp32 ulps, see fp32_close)."""
     _spawn("equal", world, tmp_path)
     errors = json.loads((tmp_path / "result.json").read_text())
     assert len(errors) == len(list(Toy().parameters()))
-    for name, (rel, rel_displacement) in errors.items():
-        assert rel < 1e-6 and rel_displacement < 1e-5, (name, rel, rel_displacement)
+    for name, (diff, norm, displacement) in errors.items():
+        assert fp32_close(diff, norm, displacement), (name, diff, norm, displacement)
 
 
 def test_collectives_per_step_do_not_grow_with_parameters(tmp_path):
@@ -172,5 +172,5 @@ def test_checkpoint_resume_gives_identical_next_steps(tmp_path):
     for rank in range(2):
         result = json.loads((tmp_path / f"result{rank}.json").read_text())
         assert result["mismatched"] == []
-        # momentum for 14 matrices + step/exp_avg/exp_avg_sq for 9 AdamW tensors
-        assert result["state_tensors"] == 14 + 3 * 9
+        # momentum for 15 matrices + step/exp_avg/exp_avg_sq for 9 AdamW tensors
+        assert result["state_tensors"] == 15 + 3 * 9

@@ -1,9 +1,10 @@
 """Split a model's parameters into Muon matrices and AdamW parameters, and build the optimizer.
 
-Rule (the paper's): 2-D weights of ``nn.Linear`` modules are hidden matrices -> Muon, except the
-output head (a module named ``lm_head``); embeddings, the head, norms and biases -> AdamW. Works on
-FSDP2-wrapped models (parameters are DTensors with global shapes; ``fully_shard`` keeps modules
-``nn.Linear`` instances, and their ``split_sizes`` attribute).
+Rule (the paper's): every 2-D parameter is a hidden matrix -> Muon (the Linears and the adapter,
+which is its own module with a 2-D ``weight``), except ``nn.Embedding`` weights and the output head
+(a module named ``lm_head``); the head, embeddings, norms and biases (1-D) -> AdamW. Works on
+FSDP2-wrapped models: parameters are DTensors with global shapes, and ``fully_shard`` keeps the
+modules' class and their ``split_sizes`` attribute.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ def group_parameters(model: nn.Module, *, split_fused: bool = True) -> list[dict
     muon: dict[tuple[int, ...] | None, list[nn.Parameter]] = {}
     adamw: list[nn.Parameter] = []
     for module_name, module in model.named_modules():
-        is_hidden_linear = isinstance(module, nn.Linear) and module_name.split(".")[-1] != HEAD_NAME
-        for param_name, p in module.named_parameters(recurse=False):
+        hidden = not isinstance(module, nn.Embedding) and module_name.split(".")[-1] != HEAD_NAME
+        for p in module.parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            if is_hidden_linear and param_name == "weight" and p.dim() == 2:
+            if hidden and p.dim() == 2:
                 split = getattr(module, "split_sizes", None) if split_fused else None
                 if split is not None:
                     split = tuple(int(s) for s in split)
