@@ -48,3 +48,12 @@ def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
         for d in docs:
             f.write(json.dumps({field: d}) + "\n")
     return path
+
+
+def prepare_dir(out: Path, inputs: list[Path], tokenizer: Path, *extra: str) -> Path:
+    """Run `retro.data.prepare` in-process (single encoder process) and return OUT."""
+    from retro.data.prepare import main
+
+    rc = main(["--input", *map(str, inputs), "--tokenizer", str(tokenizer), "--out", str(out), "--quiet", *extra])
+    assert rc == 0, f"prepare failed for {inputs}"
+    return out

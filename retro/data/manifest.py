@@ -168,7 +168,7 @@ class Manifest:
         lines = [
             f"manifest      {self.path}",
             f"tokenizer     {self.tokenizer_name} (vocab {self.vocab_size}, hash {self.vocab_hash[:12]}, eos {self.eos_id})",
-            f"dtype         {self.dtype}   append_eos {self.append_eos}   chat {self.chat}",
+            f"dtype         {self.np_dtype.name}   append_eos {self.append_eos}   chat {self.chat}",
             f"source        {self.source} (field {self.text_field!r}), val_fraction {self.val_fraction}",
         ]
         for name, split in self.splits.items():

@@ -198,7 +198,8 @@ def _encoded_batches(sources: list[Source], args: argparse.Namespace, tokenizer_
         for src, row, values in tasks():
             yield (src, row, *_encode(values))
         return
-    ctx = mp.get_context("spawn")
+    # fork (where available) before any dataset reader thread starts: workers inherit the imports
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(args.num_proc, initializer=_init_encoder,
                   initargs=(tokenizer_name, args.chat, args.add_special_tokens, True)) as pool:
         pending: deque = deque()
