@@ -36,13 +36,23 @@ class WeightReader:
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         if name not in self.file_of:
             raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
         path = self.file_of[name]
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)
+        return self._handles[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(name).get_slice(name).get_shape())
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, read without loading the rest (a rank's FSDP shard)."""
+        return self._handle(name).get_slice(name)[start:stop]
 
 
 def save_sharded(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> list[Path]:

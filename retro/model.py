@@ -132,7 +132,13 @@ class RetroModel(RetroPreTrainedModel):
         self.coda = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_coda))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.register_buffer("inv_freq", inverse_frequencies(config.head_dim, config.rope_parameters), persistent=False)
+        self.checkpoint_layers = False  # checkpoint each prelude/coda layer too ("full" AC), set by retro.parallel
         self.post_init()
+
+    def _run_layer(self, layer: DecoderLayer, x, rope, mask, kv_slot):
+        if self.checkpoint_layers and kv_slot is None and torch.is_grad_enabled():
+            return checkpoint(layer, x, rope, mask, use_reentrant=False)
+        return layer(x, rope, mask, kv_slot)
 
     def initial_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """s0: truncated normal (paper: std 0.0087 cut at 3 std), zeros, or the prelude output."""
@@ -171,13 +177,13 @@ class RetroModel(RetroPreTrainedModel):
             return cache.slot(key) if cache is not None else None
 
         for i, layer in enumerate(self.prelude):
-            x = layer(x, rope, mask, slot(("prelude", i)))
+            x = self._run_layer(layer, x, rope, mask, slot(("prelude", i)))
         if self.recurrent is not None:
             n, k = split_recurrences(num_recurrences, self.config.default_recurrences)
             state = initial_state if initial_state is not None else self.initial_state(x, generator)
             x = self.recurrent(x, state, rope, mask, cache, n, k)
         for i, layer in enumerate(self.coda):
-            x = layer(x, rope, mask, slot(("coda", i)))
+            x = self._run_layer(layer, x, rope, mask, slot(("coda", i)))
         return self.norm(x)
 
 
