@@ -198,14 +198,15 @@ def _adaptive_step(model, ids, mask, pos, cache: StaticKVCache, r_max: int, thre
     mask4 = attention_mask_4d(mask, ids.size(1), cache.past_length, x.device)
     for i, layer in enumerate(m.prelude):
         x = layer(x, rope, mask4, cache.slot(("prelude", i)))
-    injection = m.adapter.injection(x)
+    core = m.recurrent  # called pass by pass (outside its forward): single-device eval, not FSDP-sharded
+    injection = core.adapter.injection(x)
     state = m.initial_state(x, generator)
     batch = ids.size(0)
     exited = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     passes = torch.full((batch,), r_max, dtype=torch.long, device=ids.device)
     prev_logp = logits = None
     for p in range(r_max):
-        new_state = m.recurrence_pass(state, injection, rope, mask4, cache, p)
+        new_state = core.recurrence_pass(state, injection, rope, mask4, cache, p)
         if p > 0:
             new_state = torch.where(exited[:, None, None], state, new_state)
             cache.copy_pass(p - 1, p, exited, ids.size(1))
