@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -135,7 +136,7 @@ def _encode(values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         texts = values
     ids = _TOKENIZER(texts, add_special_tokens=_ADD_SPECIAL, return_attention_mask=False)["input_ids"]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     return flat, lengths
 
 
