@@ -98,7 +98,7 @@ class ShardLoader(StatefulDataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_workers = (state_dict.get("_snapshot", {}).get("_main_snapshot", {}).get("_num_workers", 0))
-        if saved_workers == self.num_workers and state_dict:
+        if not state_dict or saved_workers == self.num_workers:
             super().load_state_dict(state_dict)
             return
         self.batch_sampler.load_state_dict(_sampler_state(state_dict))
