@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from retro import recurrence
 from retro.recurrence import RecurrenceSchedule, draw_r, r_pmf
 
 # PAPER.md, "Training": m -> (E[r], median, p5, p95, p99, E[k]) from 2e5 draws with s = 8.
@@ -142,15 +143,21 @@ def test_curriculum_none_and_no_ramp() -> None:
     assert RecurrenceSchedule(max_mean=4.5, curriculum="none").mean_at(0) == 5
 
 
+# The child loads retro/recurrence.py by path: importing the `retro` package would pull in
+# transformers (seconds of start-up) for a module that needs only numpy.
 _SUBPROCESS = (
-    "import json; from retro.recurrence import RecurrenceSchedule as R; "
-    "s = R(max_mean=32, curriculum='none', seed=7); "
+    "import importlib.util, json, sys; "
+    "spec = importlib.util.spec_from_file_location('recurrence', sys.argv[1]); "
+    "mod = importlib.util.module_from_spec(spec); sys.modules['recurrence'] = mod; spec.loader.exec_module(mod); "
+    "s = mod.RecurrenceSchedule(max_mean=32, curriculum='none', seed=7); "
     "print(json.dumps([s.sample(t) for t in range(200)] + [s.sample(5, micro_step=3)]))"
 )
 
 
 def test_draws_are_deterministic_across_processes() -> None:
-    out = subprocess.run([sys.executable, "-c", _SUBPROCESS], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS, recurrence.__file__], capture_output=True, text=True, check=True
+    )
     theirs = [tuple(x) for x in json.loads(out.stdout)]
     np.random.seed(123)  # global RNG state must play no part
     state = np.random.get_state()[1].copy()
