@@ -25,6 +25,7 @@ class ModelConfig:
     path: str = ""  # a `retro.convert` directory (config.json + safetensors)
     init: str = "pretrained"  # "pretrained" loads `path`; "random" keeps its shape but re-initialises (from-scratch baseline)
     state_init: str = ""  # override the checkpoint's initial-state rule: trunc_normal | zeros | embed
+    shape: list[int] = field(default_factory=list)  # optional expected prelude,recurrent,coda; checked against the checkpoint
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_every: int = 1
     val_every: int = 0  # 0 = only at the end
-    val_batches: int = 8
+    val_batches: int = 8  # validation micro-batches, all ranks together (the same windows for any rank count)
     val_recurrences: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
     grad_clip: float = 1.0
     max_bad_steps: int = 5  # consecutive NaN/Inf steps tolerated (each skipped) before stopping
@@ -185,6 +186,8 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if config.model.shape and (len(config.model.shape) != 3 or min(config.model.shape) < 0):
+        raise ConfigError(f"model.shape must be three non-negative integers prelude,recurrent,coda, got {config.model.shape}")
     if r.max_mean < 1:
         raise ConfigError(f"recurrence.max_mean must be >= 1, got {r.max_mean}")
     if not 0 <= r.ramp_fraction <= 1:

@@ -45,6 +45,9 @@ def model_config(cfg: Config) -> RetroConfig:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path = {cfg.model.path!r}: no config.json there (make one with python -m retro.convert)")
     config = RetroConfig.from_pretrained(path)
+    found = [config.n_prelude, config.n_recurrent, config.n_coda]
+    if cfg.model.shape and cfg.model.shape != found:
+        raise ConfigError(f"model.shape = {cfg.model.shape} (prelude, recurrent, coda) but {path} has {found}")
     if cfg.model.state_init:
         config.state_init = cfg.model.state_init
     return config
@@ -153,7 +156,7 @@ def train(cfg: Config) -> int:
     loader = build_train_loader(cfg.data.train, cfg.data.weights or None, cfg.data.seq_len, cfg.train.micro_batch,
                                 info.rank, info.world_size, cfg.train.seed, cfg.data.num_workers)
     val_batches = list(build_val_batches(cfg.data.val or cfg.data.train[0], cfg.data.seq_len, cfg.train.micro_batch,
-                                         info.rank, info.world_size, cfg.train.val_batches))
+                                         info.rank, info.world_size, max(1, cfg.train.val_batches // info.world_size)))
     accum = cfg.train.global_batch // (cfg.train.micro_batch * info.world_size)
 
     start_step = 0
