@@ -101,7 +101,7 @@ class RecurrenceSchedule:
 
     max_mean: M, the curriculum's end value. curriculum: "1-sqrt" | "linear" | "none" (m = M from
     step 0). ramp_steps: W; f = 1 from step W on (W = 0 means no ramp). backprop_depth: s, used as
-    min(s, m). sigma: the lognormal's shape. cap: optional upper bound on r (**Ours**; the paper's
+    min(s, m): the reading of "s = m when m < 8" that reproduces PAPER's E[k] = 3.41 at m = 4. sigma: the lognormal's shape. cap: optional upper bound on r (**Ours**; the paper's
     r is unbounded), reported per draw through sample_info()["capped"]. seed: mixed into every draw.
     """
 
@@ -169,7 +169,7 @@ class RecurrenceSchedule:
         capped = self.cap is not None and r > self.cap
         if capped:
             r = self.cap
-        n, k = split_passes(r, min(self.backprop_depth, m))
+        n, k = split_passes(r, min(self.backprop_depth, m))  # = depth_at(step)
         return {"mean": m, "r": r, "n": n, "k": k, "capped": capped}
 
     def sample(self, step: int, micro_step: int = 0) -> tuple[int, int]:
