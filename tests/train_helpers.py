@@ -28,16 +28,13 @@ def make_assets(root: Path, shape=(1, 2, 1), docs: int = 400) -> tuple[Path, Pat
     return root / "model", data
 
 
+TINY_CONFIG = Path(__file__).parents[1] / "configs" / "tiny-cpu.toml"
+
+
 def base_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
-    values = {
-        "model.path": model, "data.train": data, "data.seq_len": 16, "data.num_workers": 0,
-        "train.steps": 6, "train.global_batch": 8, "train.micro_batch": 2, "train.out_dir": out,
-        "train.val_batches": 2, "train.val_recurrences": "1,2", "optim.warmup_steps": 2, "optim.decay_steps": 2,
-        "recurrence.max_mean": 3, "recurrence.backprop_depth": 2, "recurrence.ramp_fraction": 0.5,
-        "optim.lr": 1e-3,
-    }
-    values.update(extra)
-    return [f"--{k}={v}" for k, v in values.items()]
+    """configs/tiny-cpu.toml plus the run's paths and any extra section.key values."""
+    values = {"model.path": model, "data.train": data, "train.out_dir": out, **extra}
+    return ["--config", str(TINY_CONFIG)] + [f"--{k}={v}" for k, v in values.items()]
 
 
 def free_port() -> int:
