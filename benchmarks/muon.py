@@ -39,7 +39,7 @@ def muon_matrices(model: torch.nn.Module, split_fused: bool) -> list[tuple[int, 
 
 
 def ns_flops(shapes: list[tuple[int, int]], steps: int = 5) -> float:
-    return sum(2 * newton_schulz_cost(r, c, steps) for r, c in shapes)
+    return sum(newton_schulz_cost(r, c, steps) for r, c in shapes)
 
 
 def torch_muon_pair(model: torch.nn.Module, lr: float, adamw_lr: float) -> list[torch.optim.Optimizer]:
@@ -66,7 +66,7 @@ def newton_schulz_table(shapes: list[tuple[int, int]], batch: int, repeats: int,
             candidates["dispatch bf16"] = lambda: (newton_schulz(x, dtype=torch.bfloat16), sync())
             candidates[f"dispatch bf16 x{batch}"] = lambda: (newton_schulz(xs, dtype=torch.bfloat16), sync())
         times = time_interleaved(candidates, repeats, warmup=1)
-        flops = 2 * newton_schulz_cost(rows_, cols, 5)
+        flops = newton_schulz_cost(rows_, cols, 5)
         for name, ts in times.items():
             per_matrix = statistics.median(ts) / (batch if f"x{batch}" in name else 1)
             rows.append({"shape": f"{rows_}x{cols}", "impl": name, "ms_per_matrix": round(1e3 * per_matrix, 3),

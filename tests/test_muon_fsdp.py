@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import socket
 from pathlib import Path
 
@@ -136,9 +137,14 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
 
 
 def _spawn(scenario: str, world: int, out: Path) -> None:
-    # fork: the children inherit the imported modules (a spawned rank spends seconds importing).
+    # fork: ranks inherit the imported modules (a spawned rank spends seconds importing torch). Fork
+    # is refused once autograd has started its per-device threads, which happens on CUDA machines
+    # after any backward; there the ranks come from a forkserver that preloaded this module.
+    method = "forkserver" if torch.cuda.is_available() else "fork"
+    if method == "forkserver":
+        multiprocessing.get_context(method).set_forkserver_preload([__name__])
     mp.start_processes(
-        _worker, args=(world, _free_port(), scenario, str(out)), nprocs=world, join=True, start_method="fork"
+        _worker, args=(world, _free_port(), scenario, str(out)), nprocs=world, join=True, start_method=method
     )
 
 

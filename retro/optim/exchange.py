@@ -41,7 +41,8 @@ def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def newton_schulz_cost(rows: int, cols: int, steps: int) -> float:
-    """Multiply-adds of ``steps`` quintic iterations on a rows x cols matrix (small side squared)."""
+    """FLOPs of ``steps`` quintic iterations on a rows x cols matrix, m <= n its sides: per step
+    X X^T (2 m^2 n), A^2 (2 m^3) and P X (2 m^2 n); the small side is squared."""
     m, n = min(rows, cols), max(rows, cols)
     return float(steps) * (4 * m * m * n + 2 * m**3)
 
