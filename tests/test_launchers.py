@@ -127,14 +127,19 @@ def fake_slurm_bin(tmp_path):
 
 
 def run_batch(tmp_path, bin_dir, overrides, restart: int, signal_after_lines: int | None = None):
-    config = tmp_path / "run.toml"
-    config.write_text("")
+    """`bash slurm.sbatch CONFIG overrides...` on one faked node; base_overrides' --config becomes CONFIG."""
+    if overrides[:1] == ["--config"]:
+        config, overrides = overrides[1], overrides[2:]
+    else:
+        config = tmp_path / "run.toml"
+        config.write_text("")
     env = slurm_env(tmp_path, 1, "localhost", SLURM_GPUS_ON_NODE="1", SLURM_RESTART_COUNT=str(restart), OMP_NUM_THREADS="1")
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     proc = subprocess.Popen(["bash", str(SBATCH), str(config), *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=REPO)
     if signal_after_lines is not None:
-        metrics = Path(dict(o[2:].split("=", 1) for o in overrides)["train.out_dir"]) / "metrics.jsonl"
+        (out_dir,) = [o.split("=", 1)[1] for o in overrides if o.startswith("--train.out_dir=")]
+        metrics = Path(out_dir) / "metrics.jsonl"
         deadline = time.time() + 60
         while not (metrics.is_file() and metrics.read_text().count("\n") >= signal_after_lines):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
