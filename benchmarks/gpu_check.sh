@@ -15,6 +15,10 @@ mkdir -p "$out" || { echo "gpu_check: cannot create $out" >&2; exit 2; }
 out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.." || exit 2
 unset TRITON_INTERPRET RETRO_KERNELS  # compiled kernels, auto dispatch
+# `retro.kernels` is the top-level kernels/ folder mapped by the package install: install it if needed
+# (offline machines: no build isolation, no dependency resolution).
+python -c "import retro.kernels" 2>/dev/null || python -m pip install --quiet --no-build-isolation --no-deps -e . \
+    || { echo "gpu_check: cannot install the project (pip install -e .)" >&2; exit 2; }
 
 if ! python - > "$out/env.txt" 2>&1 <<'PY'
 import sys
@@ -45,6 +49,12 @@ fi
 
 python benchmarks/kernels.py --out "$out/kernels_gpu.json" 2>&1 | tee "$out/kernels_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: benchmark FAILED" >&2; status=1; }
+
+# bf16 training steps of the paper's TinyLlama (4,8,4) shape: loop-aware MFU at r = 1, 8, 32 (target >= 50% at 32).
+python -m benchmarks.train_throughput --preset tinyllama-484 --batch 4 --seq 1024 --recurrences 1,8,32 --repeats 3 \
+    --compile 2>&1 | tee "$out/train_throughput.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: train throughput FAILED" >&2; status=1; }
+cp benchmarks/results/train_throughput_gpu.json "$out/" 2>/dev/null || true
 
 if [ "$status" -eq 0 ]; then echo "gpu_check: OK, results in $out"; else echo "gpu_check: FAILED, logs in $out" >&2; fi
 exit "$status"

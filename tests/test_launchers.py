@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import base_overrides, make_assets
+from train_helpers import base_overrides, free_port, make_assets
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launchers" / "slurm.sbatch"
 LOCAL = REPO / "launchers" / "local.sh"
 sys.path.insert(0, str(REPO / "launchers"))
 from nodelist import expand  # noqa: E402
+
 
 
 def slurm_env(tmp: Path, nodes: int, nodelist: str, job_id: str = "4242", **extra: str) -> dict[str, str]:
@@ -133,7 +134,8 @@ def run_batch(tmp_path, bin_dir, overrides, restart: int, signal_after_lines: in
     else:
         config = tmp_path / "run.toml"
         config.write_text("")
-    env = slurm_env(tmp_path, 1, "localhost", SLURM_GPUS_ON_NODE="1", SLURM_RESTART_COUNT=str(restart), OMP_NUM_THREADS="1")
+    env = slurm_env(tmp_path, 1, "localhost", SLURM_GPUS_ON_NODE="1", SLURM_RESTART_COUNT=str(restart), OMP_NUM_THREADS="1",
+                    RETRO_RDZV_PORT=str(free_port()))  # the job-id port could be taken by a concurrent test
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     proc = subprocess.Popen(["bash", str(SBATCH), str(config), *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=REPO)
