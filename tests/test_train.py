@@ -39,6 +39,15 @@ def test_two_rank_fsdp_matches_single_process(assets, tmp_path, optim):
     assert "val_loss_r2" in a[-1] and abs(a[-1]["val_loss_r2"] - b[-1]["val_loss_r2"]) < 1e-5 * a[-1]["val_loss_r2"]
 
 
+def test_hsdp_four_ranks_matches_single_process(assets, tmp_path):
+    model, data = assets
+    extra = {"train.steps": 4, "model.state_init": "zeros"}
+    run_train(base_overrides(model, data, tmp_path / "one", **extra))
+    run_train(base_overrides(model, data, tmp_path / "hsdp", **extra, **{"parallel.replicate": 2}), nproc=4)
+    for x, y in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "hsdp")):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+
+
 def test_sigkill_then_resume_continues_the_same_curve(assets, tmp_path):
     model, data = assets
     extra = {"train.steps": 40, "checkpoint.every": 4, "checkpoint.keep_last": 2}
@@ -127,6 +136,8 @@ def test_config_errors(assets, tmp_path):
         load_config(None, ["train.steps=many"])
     with pytest.raises(ConfigError, match="optim.name = 'sgd'"):
         load_config(None, ["optim.name=sgd"])
+    with pytest.raises(ConfigError, match="supports plain FSDP only"):
+        load_config(None, ["optim.name=muon", "parallel.replicate=2"])
     toml = tmp_path / "bad.toml"
     toml.write_text("[train]\nsteps = 5\nbogus = 1\n")
     with pytest.raises(ConfigError, match="unknown config key train.bogus"):
