@@ -65,6 +65,7 @@ def train_run(name: str, out: Path, model_dir: Path, data_dir: Path, steps: int,
     cmd = [*launcher, "-m", "retro.train", "--config", settings.config, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     metrics = run_dir / "metrics.jsonl"
+    show_r = float(values.get("recurrence.max_mean", 2)) > 1  # the static model ignores the sampled r
     log_path = logs / f"{name}.log"
     with log_path.open("w") as log, tqdm(total=steps, desc=f"  {name}", unit="step", dynamic_ncols=True) as bar:
         log.write("$ " + " ".join(map(str, cmd)) + "\n")
@@ -72,8 +73,8 @@ def train_run(name: str, out: Path, model_dir: Path, data_dir: Path, steps: int,
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             time.sleep(0.5)
-            _follow(metrics, bar)
-        _follow(metrics, bar)
+            _follow(metrics, bar, show_r)
+        _follow(metrics, bar, show_r)
     if proc.returncode != 0:
         text = log_path.read_text()
         errors = [line for line in text.splitlines() if line.startswith("retro.train:")]
@@ -82,14 +83,15 @@ def train_run(name: str, out: Path, model_dir: Path, data_dir: Path, steps: int,
     return run_dir
 
 
-def _follow(metrics: Path, bar: tqdm) -> None:
+def _follow(metrics: Path, bar: tqdm, show_r: bool) -> None:
+    """Move the bar to the last step logged in metrics.jsonl (only when it changed)."""
     if not metrics.is_file():
         return
     lines = metrics.read_text().splitlines()
-    if lines:
+    if lines and int(json.loads(lines[-1])["step"]) != bar.n:
         last = json.loads(lines[-1])
         bar.n = int(last["step"])
-        bar.set_postfix(loss=f"{last['loss']:.3f}", r=last["r"])
+        bar.set_postfix(loss=f"{last['loss']:.3f}", **({"r": last["r"]} if show_r else {}))
         bar.refresh()
 
 
