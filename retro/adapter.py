@@ -36,5 +36,5 @@ class Adapter(nn.Module):
         return adapter_injection(e, self.weight[:, self.hidden_size :])
 
     def forward(self, state: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
-        """W_state @ state + injection (Triton-fused on CUDA, torch.addmm-style reference elsewhere)."""
+        """W_state @ state + injection (torch.addmm; the Triton kernel with RETRO_KERNELS=triton)."""
         return adapter(state, self.weight[:, : self.hidden_size], injection)
