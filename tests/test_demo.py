@@ -101,6 +101,8 @@ def test_claims_are_read_from_the_numbers():
     assert c["r_at_train_mean"] == 4 and c["best_r"] == 4
     assert c["matches_or_beats_static"] and c["recurrent_minus_static_at_train_mean"] == pytest.approx(0.05)
     assert c["holds_up_to_r"] == 8 and c["extrapolation"]["16"] == pytest.approx(-0.2)
+    assert c["informative"]
+    assert not claims(_results({1: 0.1, 2: 0.12, 4: 0.09, 8: 0.1, 16: 0.1}, static=0.11))["informative"]
     c = claims(_results({1: 0.5, 2: 0.3, 4: 0.3, 8: 0.5, 16: 0.5}, static=0.6))
     assert not c["rises_with_r"] and not c["monotone_up_to_train_mean"]
     assert not c["matches_or_beats_static"] and c["best_r"] == 1

@@ -28,7 +28,7 @@ class PretrainSettings:
     intermediate: int = 256
     seq_len: int = 128
     batch: int = 16
-    steps: int = 1500
+    steps: int = 3000
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.01

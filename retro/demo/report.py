@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 TOLERANCE = 0.02  # accuracy differences below 2 points (of 100 problems per k) count as "equal"
+CHANCE = 0.1  # ten possible digits
 
 
 def environment() -> dict:
@@ -61,7 +62,9 @@ def claims(results: dict) -> dict:
                               "static": results["models"]["static"]["unique_parameters"]},
         "extrapolation": {str(r): a - acc_train for r, a in beyond},
         "holds_up_to_r": largest_holding, "holding_beyond_train": holds,
-        "tolerance": TOLERANCE,
+        "tolerance": TOLERANCE, "chance": CHANCE,
+        # a comparison means something only when some model is clearly above guessing
+        "informative": max(static, pretrained, *accs) > CHANCE + 5 * TOLERANCE,
     }
 
 
@@ -99,7 +102,10 @@ def summary_text(results: dict) -> str:
     by_r = ", ".join(f"r={r}: {pct(a)}" for r, a in c["accuracy_by_r"].items())
     rise = "rises" if c["rises_with_r"] else "does not rise"
     match = "matches or beats" if c["matches_or_beats_static"] else "falls short of"
-    return (f"Recurrent mean accuracy {by_r}; it {rise} with r up to the training mean (r={c['r_at_train_mean']}). "
+    warning = ("" if c["informative"] else
+               f"NOT INFORMATIVE: every model is within {100 * 5 * TOLERANCE:.0f} points of chance ({pct(CHANCE)}), "
+               "so the task was not learned at this budget and the comparisons below say nothing. ")
+    return (f"{warning}Recurrent mean accuracy {by_r}; it {rise} with r up to the training mean (r={c['r_at_train_mean']}). "
             f"At r={c['r_at_train_mean']} it {match} the static model at equal FLOPs ({pct(c['accuracy_at_train_mean'])} vs "
             f"{pct(c['static_accuracy'])}; best {pct(c['best_accuracy'])} at r={c['best_r']}; pretrained {pct(c['pretrained_accuracy'])}). "
             f"Beyond training it stays within {100 * c['tolerance']:.0f} points up to r={c['holds_up_to_r']}.")
