@@ -18,7 +18,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import retro
 from benchmarks.common import matmul_peak_flops, print_table, time_interleaved, write_results
+from retro.config import ParallelConfig
 from retro.convert import convert
+from retro.parallel import parallelize
 
 
 def step_flops(n_matmul_params: int, layers: int, attn_dim: int, batch: int, seq: int) -> float:
@@ -60,9 +62,7 @@ def main() -> None:
     if args.compile:
         compiled = retro.RetroForCausalLM(ours.config)
         compiled.load_state_dict(ours.state_dict())
-        for stage in (compiled.model.prelude, compiled.model.block, compiled.model.coda):
-            for layer in stage:
-                layer.compile(dynamic=False)
+        parallelize(compiled, None, ParallelConfig(activation_checkpointing="none", compile=True), torch.float32)
         candidates["retro (r=1, compiled layers)"] = lambda: compiled(ids, shift_labels=targets, num_recurrences=1, return_logits=False).loss.backward()
     n_params = sum(p.numel() for n, p in hf.named_parameters() if "embed" not in n and p.dim() == 2)
     flops = step_flops(n_params, L, h, args.batch, args.seq)

@@ -68,12 +68,14 @@ def peak_flops(device: torch.device) -> float:
                 return value
         return 989e12
     import time
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    start = time.perf_counter()
-    for _ in range(3):
+    best = 0.0
+    for _ in range(5):  # the best of a few warm repeats: a noisy neighbour lowers it less
+        start = time.perf_counter()
         a @ b
-    return 3 * 2 * 1024**3 / (time.perf_counter() - start)
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - start))
+    return best
 
 
 class MetricsLog:
