@@ -15,40 +15,64 @@ import pytest
 
 from retro.demo.pipeline import matched_static_steps
 from retro.demo.report import claims
-from retro.demo.task import build_splits, make_problem, solve
+from retro.demo.task import apply, build_splits, make_permutations, make_problem, solve
 from retro.demo.tokenizer import build_tokenizer
 
 
 def test_problems_are_solvable_held_out_and_tokenize_exactly(tmp_path):
-    train, held_out = build_splits(max_steps=6, train_per_step=200, eval_per_step=30, seed=3)
-    assert len(train) == 6 * 200 and len(held_out) == 6 * 30
-    assert {p.steps for p in held_out} == set(range(1, 7))
-    assert not {p.chain for p in held_out} & {p.chain for p in train}
-    for p in train + held_out:
-        assert solve(p.prompt) == p.answer
-        # the training document asks every variable once, each with its true value
-        assert sorted(name for name, _ in p.queries) == sorted(s.split()[0] for s in p.chain.split(";")[:-1])
-        for name, value in p.queries:
-            assert solve(f"{p.chain} ? {name} =") == value
+    perms, train, evals = build_splits(max_steps=5, train_per_step=300, eval_per_step=30, seed=3, num_ops=4)
+    assert len(train) == 5 * 300
+    by_k = {k: [p for p in evals if p.steps == k] for k in range(1, 6)}
+    assert len(by_k[1]) == 40  # every (start, operation) lookup
+    assert {(p.start, p.ops) for p in by_k[1]} == {(s, (o,)) for o in "abcd" for s in range(10)}
+    assert len(by_k[2]) == 30 and all(len(by_k[k]) == 30 for k in range(3, 6))
+    assert len({p.prompt for p in evals}) == len(evals)  # no duplicates
+    # k >= 2: no training document uses a held-out operation sequence, with any start digit
+    held = {p.ops for p in evals if p.steps >= 2}
+    assert not held & {p.ops for p in train}
+    assert {p.steps for p in train} == set(range(1, 6))
+    for p in train + evals:
+        assert solve(p.prompt, perms) == p.answer
     tok = build_tokenizer(tmp_path / "tok")
     lengths: dict[int, set[int]] = {}
-    for p in held_out:
+    for p in evals + train[:200]:
         ids = tok(p.text)["input_ids"]
         assert tok.unk_token_id not in ids
         assert tok.decode(ids) == p.text
+        assert len(tok(p.answer)["input_ids"]) == 1
         lengths.setdefault(p.steps, set()).add(len(tok(p.prompt)["input_ids"]))
     assert all(len(v) == 1 for v in lengths.values())  # one prompt length per k: batches need no padding
 
 
-def test_problem_arithmetic_by_hand():
-    p = make_problem(3, random.Random(0))
-    value = int(p.chain.split(";")[0].split()[2])
-    for statement in p.chain.split(";")[1:-1]:
-        _, _, _, op, operand = statement.split()
-        value = (value + int(operand)) % 10 if op == "+" else (value - int(operand)) % 10
-    assert p.answer == str(value)
+def test_permutation_composition_by_hand():
+    perms = make_permutations(4, seed=0)
+    assert perms == make_permutations(4, seed=0) and perms != make_permutations(4, seed=1)
+    for p in perms.values():
+        assert sorted(p) == list(range(10)) and p != tuple(range(10))
+    a, b = perms["a"], perms["b"]
+    assert make_problem(perms, 3, ("a", "b")).answer == str(b[a[3]])
+    assert make_problem(perms, 3, ("a", "b")).text == f"3 a b = {b[a[3]]}"
+    # some pair of operations does not commute, so order matters (no sum-like shortcut)
+    assert any(apply(perms, s, (x, y)) != apply(perms, s, (y, x)) for x in perms for y in perms for s in range(10))
     with pytest.raises(ValueError, match="at least one step"):
-        make_problem(0, random.Random(0))
+        make_problem(perms, 3, ())
+    with pytest.raises(ValueError, match="unknown operations"):
+        make_problem(perms, 3, ("z",))
+
+
+def test_answer_loss_counts_only_the_answer_positions():
+    import torch
+
+    from retro.demo.pretrain import answer_loss
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 3, 20, 21, 7, 1, 4, 21, 5]])  # 21 plays "="
+    labels = torch.roll(ids, -1, 1)
+    logits = torch.randn(1, 9, 22)
+    expected = torch.nn.functional.cross_entropy(logits[0, [3, 7]], labels[0, [3, 7]])
+    assert torch.allclose(answer_loss(logits, ids, labels, 21), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="no token id 99"):
+        answer_loss(logits, ids, labels, 99)
 
 
 def _retro_dir(path: Path, n_recurrent: int, n_layers: int) -> Path:
@@ -127,7 +151,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(results["stage_seconds"]) == {"task", "prepare", "pretrain", "convert", "retrofit", "static", "export", "eval"}
     # held-out set and per-k accuracies
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert len(rows) == settings["max_steps"] * settings["eval_per_step"]
+    counts = results["eval_counts"]
+    assert sum(counts.values()) == len(rows) and counts["1"] == 10 * settings["num_ops"]
+    assert all(0 < counts[str(k)] <= settings["eval_per_step"] for k in range(2, settings["max_steps"] + 1))
+    assert len(json.loads((out / "task.json").read_text())["permutations"]) == settings["num_ops"]
     ks = {str(k) for k in range(1, settings["max_steps"] + 1)}
     models = results["models"]
     assert set(models["recurrent"]["accuracy"]) == {str(r) for r in settings["test_recurrences"]}
@@ -135,8 +162,8 @@ def test_quick_demo_end_to_end(tmp_path):
     for model in models.values():
         for r, by_k in model["accuracy"].items():
             assert set(by_k) == ks
-            for acc in by_k.values():
-                assert 0 <= acc <= 1 and (acc * settings["eval_per_step"]) == pytest.approx(round(acc * settings["eval_per_step"]))
+            for k, acc in by_k.items():
+                assert 0 <= acc <= 1 and acc * counts[k] == pytest.approx(round(acc * counts[k]))
             assert model["mean"][r] == pytest.approx(sum(by_k.values()) / len(by_k))
     assert results["claims"]["accuracy_by_r"] == {r: models["recurrent"]["mean"][r] for r in results["claims"]["accuracy_by_r"]}
     # the recurrent model has fewer unique parameters (two layers dropped, one adapter added)

@@ -26,9 +26,11 @@ REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
 @dataclass(frozen=True)
 class DemoSettings:
-    max_steps: int = 8  # K: problems need 1..K sequential steps
-    train_per_step: int = 12000  # training problems per k
-    eval_per_step: int = 100  # held-out problems per k
+    max_steps: int = 6  # K: problems compose 1..K permutations
+    num_ops: int = 3  # fixed random permutations of the digits (operations a, b, c, ...)
+    held_out_fraction: float = 0.2  # of the operation sequences at each k >= 2, never trained on
+    train_per_step: int = 20000  # training problems per k
+    eval_per_step: int = 100  # held-out problems per k >= 2 (k = 1: all 10 x num_ops lookups)
     val_fraction: float = 0.01  # documents held out as the trainer's validation split
     seed: int = 0
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
@@ -41,7 +43,7 @@ class DemoSettings:
 
 def quick_settings(**overrides) -> DemoSettings:
     """A few steps of everything: checks the pipeline end to end, says nothing about accuracy."""
-    small = DemoSettings(max_steps=4, train_per_step=600, eval_per_step=8, val_fraction=0.1,
+    small = DemoSettings(max_steps=4, train_per_step=1000, eval_per_step=8, val_fraction=0.1,
                          pretrain=replace(PretrainSettings(), steps=20, warmup=5), retrofit_steps=6)
     return replace(small, **overrides)
 
@@ -120,6 +122,14 @@ def matched_static_steps(records: list[dict], recurrent_dir: Path, static_dir: P
             "recurrent_final_mean": records[-1]["mean_recurrence"]}
 
 
+def eval_counts(rows: list[dict]) -> dict[str, int]:
+    """Evaluation problems per k (k = 1 has only 10 x num_ops; k >= 2 up to eval_per_step)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[str(row["steps"])] = counts.get(str(row["steps"]), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
+
+
 class Stages:
     """Numbered stage headers and wall times: the demo's progress display."""
 
@@ -159,15 +169,17 @@ def run_demo(out: Path, settings: DemoSettings, say: Callable[[str], None] = pri
     p = settings.pretrain
 
     def make_task():
-        train, held_out = build_splits(settings.max_steps, settings.train_per_step, settings.eval_per_step, settings.seed)
+        perms, train, held_out = build_splits(settings.max_steps, settings.train_per_step, settings.eval_per_step,
+                                              settings.seed, settings.num_ops, settings.held_out_fraction)
+        (out / "task.json").write_text(json.dumps({"permutations": perms}, indent=1))
         write_corpus(train, out / "corpus.jsonl")
         write_eval(held_out, out / "eval.jsonl")
-        build_tokenizer(out / "tokenizer")
-        return len(train), len(held_out)
+        return len(train), len(held_out), build_tokenizer(out / "tokenizer").convert_tokens_to_ids("=")
 
-    n_train, n_eval = stages.run("task", f"chains of 1..{settings.max_steps} steps, mod-10 arithmetic; word-level tokenizer",
-                                 make_task)
-    say(f"      {n_train} training problems, {n_eval} held-out ({settings.eval_per_step} per k)")
+    n_train, n_eval, answer_after = stages.run(
+        "task", f"compositions of 1..{settings.max_steps} of {settings.num_ops} fixed digit permutations; word-level tokenizer",
+        make_task)
+    say(f"      {n_train} training problems, {n_eval} evaluation problems (k >= 2: held-out operation sequences)")
 
     def prepare():
         code = prepare_main(["--input", str(out / "corpus.jsonl"), "--tokenizer", str(out / "tokenizer"),
@@ -184,14 +196,14 @@ def run_demo(out: Path, settings: DemoSettings, say: Callable[[str], None] = pri
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
 
-        summary = pretrain(out / "data", out / "pretrained", p, progress)
+        summary = pretrain(out / "data", out / "pretrained", p, answer_after, progress)
         bar.close()
         for name in os.listdir(out / "tokenizer"):
             (out / "pretrained" / name).write_bytes((out / "tokenizer" / name).read_bytes())
         return summary
 
-    pre = stages.run("pretrain", f"static Llama, {p.layers} layers x hidden {p.hidden}, {p.steps} steps (AdamW)", run_pretrain)
-    say(f"      final loss {pre['final_loss']:.3f}, {pre['parameters']:,} parameters")
+    pre = stages.run("pretrain", f"static Llama, {p.layers} layers x hidden {p.hidden}, {p.steps} steps (AdamW, loss on answers)", run_pretrain)
+    say(f"      final answer loss {pre['final_answer_loss']:.3f}, {pre['parameters']:,} parameters")
 
     def run_convert():
         rec = convert(out / "pretrained", out / "recurrent_init", shape=settings.shape, force=True)
@@ -234,7 +246,7 @@ def run_demo(out: Path, settings: DemoSettings, say: Callable[[str], None] = pri
     evals = stages.run("eval", f"held-out accuracy by k and r in {list(settings.test_recurrences)}", run_eval)
     results = {
         "command": "python -m retro.demo " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("__main__.py") else None,
-        "settings": asdict(settings), "pretrain": pre, "conversion": rec_conv, "flops": flops,
+        "settings": asdict(settings), "eval_counts": eval_counts(read_eval(out / "eval.jsonl")), "pretrain": pre, "conversion": rec_conv, "flops": flops,
         "train_config": cfg.to_dict(), "models": evals, "stage_seconds": stages.seconds,
         "wall_seconds": round(time.perf_counter() - started, 1), **report.environment(),
     }

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TOLERANCE = 0.02  # accuracy differences below 2 points (of 100 problems per k) count as "equal"
+TOLERANCE = 0.02  # accuracy differences below 2 points (of ~100 problems per k) count as "equal"
 CHANCE = 0.1  # ten possible digits
 
 
@@ -85,7 +85,8 @@ def markdown(results: dict) -> str:
     f = results["flops"]
     text = [
         "Held-out exact-match accuracy (%) by number of steps k and test recurrence r "
-        f"({results['settings']['eval_per_step']} problems per k).", "", *lines, "",
+        f"(problems per k: {', '.join(f'{k}: {n}' for k, n in results['eval_counts'].items())}; k >= 2 use "
+        "operation sequences never trained on, k = 1 are the memorised lookups).", "", *lines, "",
         f"- Post-training FLOPs: recurrent {f['recurrent_flops']:.3g} ({f['recurrent_steps']} steps, mean r "
         f"{f['recurrent_mean_r']:.2f}, max r {f['recurrent_max_r']}), static {f['static_flops']:.3g} ({f['static_steps']} steps).",
         f"- Unique parameters: recurrent {c['unique_parameters']['recurrent']:,}, static {c['unique_parameters']['static']:,}.",
