@@ -102,12 +102,14 @@ def convert(
     save_sharded(tensors, out_dir)
     copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and shutil.copy2(model_dir / name, out_dir / name)]
 
+    zero_rows = (tensors["model.embed_tokens.weight"].abs().sum(dim=1) == 0).nonzero().flatten().tolist()
     source_params = sum(reader.get(n).numel() for n in reader.file_of)
     summary = {
         "source": str(model_dir), "out": str(out_dir), "model_type": arch.model_type, "source_layers": num_layers,
         "prelude": plan.prelude, "block": plan.block, "coda": plan.coda, "dropped": plan.dropped(num_layers),
         "source_parameters": source_params, "parameters": sum(t.numel() for t in tensors.values()),
         "adapter_init": adapter_init, "state_init": state_init, "tokenizer_files": copied,
+        "zero_embedding_rows": zero_rows,
     }
     (out_dir / "conversion.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -122,6 +124,11 @@ def format_summary(s: dict) -> str:
         f"  unique parameters: {s['source_parameters']:,} -> {s['parameters']:,} (head untied, adapter {s['adapter_init']})",
         f"  tokenizer files copied: {', '.join(s['tokenizer_files']) or 'none'}",
     ]
+    if s["zero_embedding_rows"]:
+        # A token whose embedding is exactly zero keeps a zero residual stream at the start of a row;
+        # every RMSNorm then multiplies its gradient by 1/sqrt(eps), and training steps overflow.
+        lines.append(f"  WARNING: embedding rows {s['zero_embedding_rows'][:10]} are all zeros (e.g. an untrained pad "
+                     "token); keep those tokens out of the training data or give them non-zero embeddings")
     return "\n".join(lines)
 
 

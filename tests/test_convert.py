@@ -96,3 +96,13 @@ def test_sharded_output_round_trip(source, tmp_path):
     assert len(paths) == 3
     reader = WeightReader(tmp_path / "s")
     assert all(torch.equal(reader.get(k), v) for k, v in tensors.items())
+
+
+def test_zero_embedding_rows_are_reported(tmp_path, capsys):
+    import torch
+    source = save_source(tmp_path / "src", "llama")
+    with torch.no_grad():
+        source.model.embed_tokens.weight[[0, 5]] = 0
+    source.save_pretrained(tmp_path / "src")
+    assert main(["--model", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--static"]) == 0
+    assert "WARNING: embedding rows [0, 5] are all zeros" in capsys.readouterr().out
