@@ -196,8 +196,6 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.weights has {len(d.weights)} entries for {len(d.train)} data.train sources")
     if any(v < 1 for v in t.val_recurrences):
         raise ConfigError(f"train.val_recurrences must be positive, got {t.val_recurrences}")
-    if o.name == "muon" and config.parallel.replicate > 1:
-        raise ConfigError("optim.name = 'muon' supports plain FSDP only (one shard dimension); set parallel.replicate = 1 or use adamw")
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas needs two values, got {o.betas}")
     if o.warmup_steps + o.decay_steps > t.steps:

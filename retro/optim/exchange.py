@@ -3,7 +3,9 @@
 Newton-Schulz needs the whole matrix, but under FSDP2 each rank holds only a row shard (Shard(0),
 torch.chunk layout, possibly uneven). Every rank derives the same plan from global shapes alone, so
 split sizes never need to be exchanged: the step costs exactly two ``all_to_all_single`` calls per
-dtype, however many matrices there are.
+dtype, however many matrices there are. ``world_size``, ``rank`` and ``group`` are those of the
+mesh dimension the rows are sharded along: the whole world under FSDP, one replica's shard group
+under HSDP.
 """
 
 from __future__ import annotations

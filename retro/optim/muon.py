@@ -4,11 +4,14 @@ One ``torch.optim.Optimizer`` with two kinds of param group (``use_muon``) so th
 drives both learning rates and ``torch.distributed.checkpoint.state_dict`` saves and restores the
 whole state (all state tensors are shaped like their parameters: DTensors under FSDP2).
 
-Parameters may be plain tensors (orthogonalised locally) or FSDP2 DTensors sharded Shard(0) over a
-1-D mesh (possibly unevenly). Momentum and weight decay run on the local shards; for Newton-Schulz
-each logical matrix is gathered on one owner rank (owners balance the Newton-Schulz cost), same-shape
-matrices are stacked for one batched call, and the results go back, with two ``all_to_all_single``
-per step and dtype in total (see ``exchange.py``).
+Parameters may be plain tensors (orthogonalised locally) or FSDP2 DTensors sharded Shard(0) along
+one mesh dimension (possibly unevenly) and replicated along any others: FSDP (1-D mesh) or HSDP
+(``(Replicate(), Shard(0))``). Momentum and weight decay run on the local shards; for Newton-Schulz
+each logical matrix is gathered on one owner rank of the shard dimension (owners balance the
+Newton-Schulz cost), same-shape matrices are stacked for one batched call, and the results go back,
+with two ``all_to_all_single`` per step and dtype in total (see ``exchange.py``). Under HSDP the
+gradients are already reduced across replicas, so each replica group runs this exchange inside its
+own shard group and computes the same update: no communication across replicas.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.adamw import adamw
 
 from retro.kernels.newton_schulz import MUON_COEFFICIENTS, newton_schulz
@@ -63,6 +66,21 @@ def _coefficients_key(coefficients: Sequence, steps: int) -> tuple:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_mesh_dim(p: DTensor) -> int:
+    """The mesh dimension along which ``p`` is row-sharded: the one Shard(0) placement, every other
+    placement Replicate() (FSDP2's FSDP and HSDP layouts). Replicas hold identical shards, so Muon
+    only needs to exchange rows within this dimension."""
+    placements = tuple(p.placements)
+    shard = [d for d, pl in enumerate(placements) if pl == Shard(0)]
+    if len(shard) != 1 or any(pl != Replicate() for d, pl in enumerate(placements) if d != shard[0]):
+        raise ValueError(
+            "Muon supports DTensor parameters sharded Shard(0) along one mesh dimension and replicated "
+            f"along the others (FSDP2 FSDP or HSDP), got placements {placements} on a "
+            f"{p.device_mesh.ndim}-D mesh"
+        )
+    return shard[0]
 
 
 class Muon(torch.optim.Optimizer):
@@ -139,13 +157,8 @@ class Muon(torch.optim.Optimizer):
                     f"split_sizes {tuple(split)} must sum to the rows of every parameter in the "
                     f"group, got shape {tuple(p.shape)}"
                 )
-            if isinstance(p, DTensor) and (
-                p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)
-            ):
-                raise ValueError(
-                    "Muon supports DTensor parameters sharded Shard(0) on a 1-D mesh (FSDP2), got "
-                    f"placements {p.placements} on a {p.device_mesh.ndim}-D mesh"
-                )
+            if isinstance(p, DTensor):
+                shard_mesh_dim(p)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -248,12 +261,15 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _plan(work, blocks: list[Block], groups: list[dict]) -> tuple[RowExchange, Any]:
-        """Owners for DTensor blocks (balanced Newton-Schulz cost) and the exchange between ranks."""
-        meshes = {work[blk.param][0].device_mesh for blk in blocks}
-        if len(meshes) != 1:
-            raise ValueError(f"all DTensor Muon parameters must share one device mesh, got {meshes}")
-        mesh = meshes.pop()
-        world, rank = mesh.size(), mesh.get_local_rank()
+        """Owners for DTensor blocks (balanced Newton-Schulz cost) and the exchange between the ranks
+        of the shard mesh dimension (under HSDP each replica group plans and exchanges on its own)."""
+        layouts = {(work[blk.param][0].device_mesh, shard_mesh_dim(work[blk.param][0])) for blk in blocks}
+        if len(layouts) != 1:
+            raise ValueError(
+                f"all DTensor Muon parameters must share one device mesh and shard dimension, got {layouts}"
+            )
+        mesh, dim = layouts.pop()
+        world, rank = mesh.size(dim), mesh.get_local_rank(dim)
         costs = [newton_schulz_cost(b.rows, b.cols, g["ns_steps"]) for b, g in zip(blocks, groups)]
         owners = assign_owners(costs, world)
         param_rows = {blk.param: work[blk.param][0].shape[0] for blk in blocks}
@@ -265,7 +281,7 @@ class Muon(torch.optim.Optimizer):
                     f"DTensor of shape {tuple(work[i][0].shape)} holds {work[i][2].shape[0]} rows on "
                     f"rank {rank}; Muon expects torch.chunk's Shard(0) layout ({hi - lo} rows)"
                 )
-        return ex, mesh.get_group()
+        return ex, mesh.get_group(dim)
 
     @staticmethod
     def _newton_schulz_batched(
