@@ -20,7 +20,8 @@ from retro.kernels.dispatch import interpreting
 
 
 @functools.cache
-def _jit(fn: Callable, interpret: bool, configs: tuple | None, key: tuple[str, ...]) -> Any:
+def _jit(fn: Callable, interpret: bool, configs: tuple | None, key: tuple[str, ...],
+         reset_to_zero: tuple[str, ...]) -> Any:
     import triton
 
     del interpret  # part of the cache key only: triton.jit reads TRITON_INTERPRET itself
@@ -28,16 +29,20 @@ def _jit(fn: Callable, interpret: bool, configs: tuple | None, key: tuple[str, .
     if configs is None:
         return kernel
     return triton.autotune(configs=[triton.Config(dict(c), num_warps=w, num_stages=s)
-                                    for c, w, s in configs], key=list(key))(kernel)
+                                    for c, w, s in configs], key=list(key),
+                           reset_to_zero=list(reset_to_zero) or None)(kernel)
 
 
-def kernel(fn: Callable, gpu_configs: Sequence[tuple[dict, int, int]], key: Sequence[str]) -> Any:
+def kernel(fn: Callable, gpu_configs: Sequence[tuple[dict, int, int]], key: Sequence[str],
+           reset_to_zero: Sequence[str] = ()) -> Any:
     """The Triton kernel for ``fn`` in the current mode.
 
     Compiled mode: autotuned over ``gpu_configs`` (meta-parameters, num_warps, num_stages) keyed by
-    ``key``. Interpreter mode: the bare kernel; the caller passes small fixed block sizes.
+    ``key``; ``reset_to_zero`` names buffers the kernel accumulates into, zeroed before each
+    autotuning trial. Interpreter mode: the bare kernel; the caller passes small fixed block sizes.
+    One kernel function may be wrapped several times with different configs (separate tuners).
     """
     if interpreting():
-        return _jit(fn, True, None, ())
+        return _jit(fn, True, None, (), ())
     frozen = tuple((tuple(sorted(c.items())), w, s) for c, w, s in gpu_configs)
-    return _jit(fn, False, frozen, tuple(key))
+    return _jit(fn, False, frozen, tuple(key), tuple(reset_to_zero))

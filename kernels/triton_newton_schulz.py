@@ -1,10 +1,25 @@
 """Triton kernels for one Newton-Schulz iteration X <- aX + (bA + cA^2)X, A = X X^T.
 
-X is a stack [B, m, n] with m <= n. A and P = bA + cA^2 are symmetric [m, m], so their kernels
-launch one program per tile of the lower triangle (including the diagonal) and store each
-off-diagonal tile twice, as itself and mirrored: half the products of a full GEMM. The update
-aX + P X is a full GEMM with the axpy fused into its epilogue. Products run on tensor cores in
-bf16/fp16 (IEEE fp32 for fp32 inputs) with fp32 accumulation; results are stored in X's dtype.
+X is a stack [B, m, n] with m <= n. A and P = bA + cA^2 are symmetric [m, m], so their kernel
+computes only the tiles of the lower triangle (diagonal included) and stores each result twice,
+as itself and mirrored: half the products of a full GEMM, and an output symmetric bit for bit.
+The update aX + P X is the batched GEMM of :mod:`retro.kernels.triton_gemm` with the axpy in its
+epilogue. Products run on tensor cores in bf16/fp16 (IEEE fp32 for fp32 inputs) with fp32
+accumulation; results are stored in X's dtype.
+
+Two schedules for the triangle (``schedule=``):
+
+* ``direct``: one program per lower tile, the epilogue fused. The triangle of a 2048-row Gram
+  matrix in 128-row tiles is 136 tiles, one more wave than 132 SMs hold for just 4 tiles, so half
+  the second wave's time is idle: the symmetry saving is lost to wave quantisation.
+* ``stream_k``: a fixed number of programs (one per SM) splits the flat list of (tile, K-block)
+  iterations evenly; each accumulates a contiguous run in registers and adds it into an fp32
+  workspace (plain stores for tiles it covers whole, atomics for the at most two it shares), then
+  a finalize pass applies the epilogue and mirrors. Costs a zeroed m x m fp32 buffer and one pass
+  over it; buys an even load on every SM.
+
+``auto`` takes stream-K when the direct grid would fill its last wave less than
+:data:`MIN_WAVE_FILL`.
 """
 
 from __future__ import annotations
@@ -14,109 +29,101 @@ import triton
 import triton.language as tl
 
 from retro.kernels.triton_build import kernel
+from retro.kernels.triton_gemm import gemm
+
+SCHEDULES = ("auto", "direct", "stream_k")
+MIN_WAVE_FILL = 0.8
+# Kernel modes (constexpr: a kernel may only read globals declared as such).
+_DIRECT, _STREAM_K, _FINALIZE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 _SYM_GPU_CONFIGS = [
     ({"BLOCK": 128, "BLOCK_K": 64}, 8, 3),
+    ({"BLOCK": 128, "BLOCK_K": 64}, 8, 4),
     ({"BLOCK": 128, "BLOCK_K": 32}, 4, 4),
     ({"BLOCK": 64, "BLOCK_K": 64}, 4, 4),
 ]
-_GEMM_GPU_CONFIGS = [
-    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 4, 4),
-    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 4, 4),
-]
+_FINALIZE_GPU_CONFIGS = [({"BLOCK": 64, "BLOCK_K": 16}, 4, 1), ({"BLOCK": 128, "BLOCK_K": 16}, 8, 1)]
 _SYM_INTERPRET = {"BLOCK": 16, "BLOCK_K": 16}
-_GEMM_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
+_DIRECT_TILE = 128  # the tile the wave-fill estimate assumes for the direct schedule
 
 
 def _sym_kernel(
-    x_ptr, y_ptr, out_ptr, m, K, coef_y, coef_prod,
-    stride_xb, stride_xr, stride_xk, stride_yb, stride_yk, stride_yc, stride_ob, stride_or, stride_oc,
-    HAS_Y: tl.constexpr, IEEE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, y_ptr, ws_ptr, out_ptr, batch, m, K, coef_y, coef_prod,
+    stride_xb, stride_xr, stride_xk, stride_yb, stride_yk, stride_yc,
+    stride_wb, stride_wr, stride_wc, stride_ob, stride_or, stride_oc,
+    MODE: tl.constexpr, HAS_Y: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = coef_prod * X @ Y (+ coef_y * out-shaped Y-term), for a product known to be symmetric.
+    """out = coef_prod * X @ Y (+ coef_y * Y) for a product known to be symmetric [m, m].
 
     Used twice: A = X X^T (Y = X^T via strides, no extra term) and P = b*A + c*A A (X = Y = A,
-    extra term b*A). Only lower-triangle tiles are computed; each is mirrored across the diagonal.
+    extra term b*A). MODE _DIRECT: each program one whole tile, epilogue fused. MODE _STREAM_K:
+    partial products summed into the fp32 workspace. MODE _FINALIZE: the epilogue, from the
+    workspace. The work is a flat list of units (lower tile of one matrix, K-block); each program
+    takes a contiguous run of it.
     """
-    # Program p -> tile (r, c), c <= r, in row-major order of the lower triangle.
-    p = tl.program_id(0)
-    r = ((tl.sqrt((8 * p + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    r = tl.where(r * (r + 1) // 2 > p, r - 1, r)  # guard fp32 sqrt rounding
-    r = tl.where((r + 1) * (r + 2) // 2 <= p, r + 1, r)
-    c = p - r * (r + 1) // 2
-    batch = tl.program_id(1).to(tl.int64)
-    x_ptr += batch * stride_xb
-    y_ptr += batch * stride_yb
-    out_ptr += batch * stride_ob
-
-    rows = r * BLOCK + tl.arange(0, BLOCK)
-    cols = c * BLOCK + tl.arange(0, BLOCK)
+    tiles = (m + BLOCK - 1) // BLOCK
+    per_matrix = tiles * (tiles + 1) // 2
+    iters = 1 if MODE == _FINALIZE else (K + BLOCK_K - 1) // BLOCK_K
+    total = batch * per_matrix * iters
+    if MODE == _STREAM_K:
+        programs = tl.num_programs(0)
+        per_program = (total + programs - 1) // programs
+    else:
+        per_program = iters
+    unit = tl.program_id(0) * per_program
+    end = tl.minimum(unit + per_program, total)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.full((BLOCK, BLOCK), 0.0, dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(x_ptr + rows[:, None] * stride_xr + kk[None, :] * stride_xk,
-                    mask=(rows[:, None] < m) & (kk[None, :] < K), other=0.0)
-        b = tl.load(y_ptr + kk[:, None] * stride_yk + cols[None, :] * stride_yc,
-                    mask=(kk[:, None] < K) & (cols[None, :] < m), other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+    while unit < end:
+        tile = unit // iters
+        k_lo = unit % iters
+        k_hi = tl.minimum(iters, k_lo + end - unit)
+        b = (tile // per_matrix).to(tl.int64)
+        p = tile % per_matrix
+        # Lower-triangle index p -> tile (r, c), c <= r, row-major.
+        r = ((tl.sqrt((8 * p + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+        r = tl.where(r * (r + 1) // 2 > p, r - 1, r)  # guard fp32 sqrt rounding
+        r = tl.where((r + 1) * (r + 2) // 2 <= p, r + 1, r)
+        c = p - r * (r + 1) // 2
+        rows = r * BLOCK + tl.arange(0, BLOCK)
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        inside = (rows[:, None] < m) & (cols[None, :] < m)
+        ws_tile = ws_ptr + b * stride_wb + rows[:, None] * stride_wr + cols[None, :] * stride_wc
+        if MODE == _FINALIZE:
+            acc = tl.load(ws_tile, mask=inside, other=0.0)
         else:
-            acc = tl.dot(a, b, acc)
-    acc = acc * coef_prod
-    if HAS_Y:  # the b*A term: A's (r, c) tile, read from Y = A
-        extra = tl.load(y_ptr + rows[:, None] * stride_yk + cols[None, :] * stride_yc,
-                        mask=(rows[:, None] < m) & (cols[None, :] < m), other=0.0)
-        acc += coef_y * extra.to(tl.float32)
-    tile = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows[:, None] * stride_or + cols[None, :] * stride_oc, tile,
-             mask=(rows[:, None] < m) & (cols[None, :] < m))
-    if r != c:  # mirror: tile^T into (c, r)
-        tl.store(out_ptr + cols[:, None] * stride_or + rows[None, :] * stride_oc, tl.trans(tile),
-                 mask=(cols[:, None] < m) & (rows[None, :] < m))
-
-
-def _update_kernel(
-    p_ptr, x_ptr, out_ptr, m, n, coef_x,
-    stride_pb, stride_pr, stride_pc, stride_xb, stride_xr, stride_xc, stride_ob, stride_or, stride_oc,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """out = coef_x * X + P @ X for P [m, m], X [m, n] (one matrix of the stack per grid row)."""
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    p_ptr += batch * stride_pb
-    x_ptr += batch * stride_xb
-    out_ptr += batch * stride_ob
-    tiles_m = (m + BLOCK_M - 1) // BLOCK_M
-    tiles_n = (n + BLOCK_N - 1) // BLOCK_N
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k0 in range(0, m, BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(p_ptr + rm[:, None] * stride_pr + kk[None, :] * stride_pc,
-                    mask=(rm[:, None] < m) & (kk[None, :] < m), other=0.0)
-        b = tl.load(x_ptr + kk[:, None] * stride_xr + rn[None, :] * stride_xc,
-                    mask=(kk[:, None] < m) & (rn[None, :] < n), other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            # Out-of-range rows/cols read a wrapped-around valid row (discarded at the store).
+            x_rows = x_ptr + b * stride_xb + (rows % m)[:, None] * stride_xr
+            y_cols = y_ptr + b * stride_yb + (cols % m)[None, :] * stride_yc
+            acc = tl.full((BLOCK, BLOCK), 0.0, dtype=tl.float32)
+            for ki in range(k_lo, k_hi):
+                kk = ki * BLOCK_K + rk
+                xa = tl.load(x_rows + kk[None, :] * stride_xk, mask=kk[None, :] < K, other=0.0)
+                yb = tl.load(y_cols + kk[:, None] * stride_yk, mask=kk[:, None] < K, other=0.0)
+                if IEEE:
+                    acc = tl.dot(xa, yb, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xa, yb, acc)
+        if MODE == _STREAM_K:
+            if k_hi - k_lo == iters:  # the whole tile is this program's: no other writer
+                tl.store(ws_tile, acc, mask=inside)
+            else:
+                tl.atomic_add(ws_tile, acc, mask=inside, sem="relaxed")
         else:
-            acc = tl.dot(a, b, acc)
-    mask = (rm[:, None] < m) & (rn[None, :] < n)
-    x = tl.load(x_ptr + rm[:, None] * stride_xr + rn[None, :] * stride_xc, mask=mask, other=0.0)
-    acc += coef_x * x.to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_or + rn[None, :] * stride_oc,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc = acc * coef_prod
+            if HAS_Y:  # the b*A term: A's (r, c) tile, read from Y = A
+                extra = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_yk + cols[None, :] * stride_yc,
+                                mask=inside, other=0.0)
+                acc += coef_y * extra.to(tl.float32)
+            result = acc.to(out_ptr.dtype.element_ty)
+            out_b = out_ptr + b * stride_ob
+            # Lower elements where they are; strictly-lower ones also mirrored across the diagonal
+            # (this fills the upper half of diagonal tiles too, so every pair matches exactly).
+            tl.store(out_b + rows[:, None] * stride_or + cols[None, :] * stride_oc, result,
+                     mask=inside & (rows[:, None] >= cols[None, :]))
+            tl.store(out_b + cols[:, None] * stride_or + rows[None, :] * stride_oc, tl.trans(result),
+                     mask=(cols[:, None] < m) & (rows[None, :] < m) & (rows[None, :] > cols[:, None]))
+        unit += k_hi - k_lo
 
 
 def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -124,59 +131,78 @@ def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _launch_sym(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, K: int,
-                coef_y: float, coef_prod: float, has_y: bool) -> None:
+def _sm_count(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 4
+
+
+def choose_schedule(batch: int, m: int, sm_count: int) -> str:
+    """``direct`` when its grid of 128-row lower tiles fills the last wave well, else ``stream_k``."""
+    tiles = -(-m // _DIRECT_TILE)
+    grid = batch * tiles * (tiles + 1) // 2
+    waves = -(-grid // sm_count)
+    return "direct" if grid / (waves * sm_count) >= MIN_WAVE_FILL else "stream_k"
+
+
+def _launch_sym(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, K: int, coef_y: float,
+                coef_prod: float, has_y: bool, schedule: str, programs: int | None) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
     batch, m = out.size(0), out.size(1)
-    fn = kernel(_sym_kernel, _SYM_GPU_CONFIGS, key=("m", "K"))
-    args = (x, y, out, m, K, coef_y, coef_prod, *x.stride(), *y.stride(), *out.stride())
+    sm_count = programs or _sm_count(out)
+    if schedule == "auto":
+        schedule = choose_schedule(batch, m, sm_count)
+    compiled_args = (batch, m, K, float(coef_y), float(coef_prod), *x.stride(), *y.stride())
     flags = {"HAS_Y": has_y, "IEEE": x.dtype == torch.float32}
 
-    def grid(meta: dict) -> tuple[int, int]:
+    def run(mode: tl.constexpr, ws: torch.Tensor, configs: list, reset: tuple[str, ...], grid) -> None:
+        fn = kernel(_sym_kernel, configs, key=("m", "K", "batch", "MODE"), reset_to_zero=reset)
+        args = (x, y, ws, out, *compiled_args, *ws.stride(), *out.stride())
+        if hasattr(fn, "configs"):
+            fn[grid](*args, MODE=mode.value, **flags)
+        else:
+            fn[grid](*args, MODE=mode.value, **flags, **_SYM_INTERPRET)
+
+    def tile_grid(meta: dict) -> tuple[int]:
         tiles = triton.cdiv(m, meta["BLOCK"])
-        return (tiles * (tiles + 1) // 2, batch)
+        return (batch * tiles * (tiles + 1) // 2,)
 
-    if hasattr(fn, "configs"):
-        fn[grid](*args, **flags)
-    else:
-        fn[grid](*args, **flags, **_SYM_INTERPRET)
+    if schedule == "direct":
+        run(_DIRECT, out, _SYM_GPU_CONFIGS, (), tile_grid)
+        return
+    ws = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    run(_STREAM_K, ws, _SYM_GPU_CONFIGS, ("ws_ptr",),
+        lambda meta: (min(sm_count, tile_grid(meta)[0] * triton.cdiv(K, meta["BLOCK_K"])),))
+    run(_FINALIZE, ws, _FINALIZE_GPU_CONFIGS, (), tile_grid)
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """A = X X^T for a stack X [B, m, n]; lower-triangle tiles computed, mirrored."""
+def gram(x: torch.Tensor, schedule: str = "auto", programs: int | None = None) -> torch.Tensor:
+    """A = X X^T for a stack X [B, m, n]; lower-triangle tiles computed, mirrored.
+
+    ``programs``: the stream-K program count (default: the GPU's SM count; 4 on CPU).
+    """
     out = empty((x.size(0), x.size(1), x.size(1)), x)
-    _launch_sym(x, x.mT, out, K=x.size(2), coef_y=0.0, coef_prod=1.0, has_y=False)
+    _launch_sym(x, x.mT, out, x.size(2), 0.0, 1.0, False, schedule, programs)
     return out
 
 
-def gram_poly(a: torch.Tensor, b: float, c: float) -> torch.Tensor:
+def gram_poly(a: torch.Tensor, b: float, c: float, schedule: str = "auto",
+              programs: int | None = None) -> torch.Tensor:
     """P = b*A + c*A A for a stack of symmetric A [B, m, m]; lower-triangle tiles, mirrored."""
     out = empty(tuple(a.shape), a)
-    _launch_sym(a, a, out, K=a.size(2), coef_y=float(b), coef_prod=float(c), has_y=True)
+    _launch_sym(a, a, out, a.size(2), b, c, True, schedule, programs)
     return out
 
 
 def update(p: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
-    """a*X + P X for P [B, m, m], X [B, m, n]: a full GEMM with the axpy in its epilogue."""
-    out = empty(tuple(x.shape), x)
-    batch, m, n = x.shape
-    fn = kernel(_update_kernel, _GEMM_GPU_CONFIGS, key=("m", "n"))
-    args = (p, x, out, m, n, float(a), *p.stride(), *x.stride(), *out.stride())
-    flags = {"IEEE": x.dtype == torch.float32}
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch)
-
-    if hasattr(fn, "configs"):
-        fn[grid](*args, **flags)
-    else:
-        fn[grid](*args, **flags, **_GEMM_INTERPRET)
-    return out
+    """a*X + P X for P [B, m, m], X [B, m, n]: the batched GEMM with the axpy in its epilogue."""
+    return gemm(p, x, x, alpha=a)
 
 
-def newton_schulz_triton(x: torch.Tensor, steps: list[tuple[float, float, float]]) -> torch.Tensor:
+def newton_schulz_triton(x: torch.Tensor, steps: list[tuple[float, float, float]],
+                         schedule: str = "auto") -> torch.Tensor:
     """Run the iterations on a normalised, wide (m <= n) stack X [B, m, n]."""
     if x.dim() != 3 or x.size(1) > x.size(2):
         raise ValueError(f"newton_schulz_triton needs a wide stack [B, m<=n, n], got {tuple(x.shape)}")
     for a, b, c in steps:
-        x = update(gram_poly(gram(x), b, c), x, a)
+        x = update(gram_poly(gram(x, schedule), b, c, schedule), x, a)
     return x

@@ -47,10 +47,10 @@ def test_interpreter_takes_effect(monkeypatch):
     """The lazily decorated kernels follow TRITON_INTERPRET at first use, and run on CPU tensors."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    fn = triton_build.kernel(triton_gemm._gemm_kernel, triton_gemm._GPU_CONFIGS, key=("M",))
+    fn = triton_build.kernel(triton_gemm._gemm_kernel, triton_gemm.GPU_CONFIGS, key=("M",))
     assert isinstance(fn, InterpretedFunction)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    compiled = triton_build.kernel(triton_gemm._gemm_kernel, triton_gemm._GPU_CONFIGS, key=("M",))
+    compiled = triton_build.kernel(triton_gemm._gemm_kernel, triton_gemm.GPU_CONFIGS, key=("M",))
     assert isinstance(compiled, triton.runtime.Autotuner) and not isinstance(compiled, InterpretedFunction)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     a, b = torch.randn(5, 7), torch.randn(7, 3)
@@ -152,29 +152,63 @@ def test_newton_schulz_fp16_iterations():
     assert rel_err(out, ref) < 2e-2
 
 
-def test_gram_triangle_tiles_cover_the_matrix():
-    """X X^T on a 20x20 grid of 16-row tiles (210 lower-triangle programs).
+@pytest.mark.parametrize("schedule,programs", [("direct", None), ("stream_k", 4), ("stream_k", 8), ("stream_k", 64)])
+def test_gram_triangle_tiles_cover_the_matrix(schedule, programs):
+    """X X^T on a 20x20 grid of 16-row tiles (210 lower-triangle tiles), both schedules.
 
-    Off-diagonal tiles are stored twice from one result, so they mirror bit for bit; the diagonal
-    tiles are computed whole and only agree with their transpose to rounding.
+    Stream-K with 4 / 8 / 64 programs (105 / 53 / 7 units each) over 210 tiles x 2 K-blocks: runs that end inside a tile
+    (atomics into the workspace) and whole tiles (plain stores). Every element below the diagonal
+    is stored twice from one result, so the output is symmetric bit for bit.
     """
-    x = torch.randn(1, 313, 16)
-    a = triton_newton_schulz.gram(x)
+    x = torch.randn(1, 313, 20)
+    a = triton_newton_schulz.gram(x, schedule, programs)
     assert rel_err(a, x @ x.mT) < 1e-5
-    tile = torch.arange(313) // 16
-    off_diagonal = tile[:, None] != tile[None, :]
-    assert torch.equal(a[0][off_diagonal], a[0].mT[off_diagonal])
+    assert torch.equal(a, a.mT)
 
 
-def test_each_iteration_kernel_matches_torch():
+@pytest.mark.parametrize("schedule,programs", [("direct", None), ("stream_k", 5), ("stream_k", 3)])
+def test_each_iteration_kernel_matches_torch(schedule, programs):
+    """Batched stacks (the stream-K runs cross matrix boundaries), odd sizes, both schedules."""
     b_, c_ = MUON_COEFFICIENTS[1:]
     x = torch.randn(3, 21, 35)
-    a = triton_newton_schulz.gram(x)
+    a = triton_newton_schulz.gram(x, schedule, programs)
     assert rel_err(a, x @ x.mT) < 1e-5
-    p = triton_newton_schulz.gram_poly(a, b_, c_)
+    assert torch.equal(a, a.mT)
+    p = triton_newton_schulz.gram_poly(a, b_, c_, schedule, programs)
     assert rel_err(p, b_ * a + c_ * (a @ a)) < 1e-5
-    tile = torch.arange(21) // 16
-    off_diagonal = tile[:, None] != tile[None, :]
-    assert torch.equal(p[:, off_diagonal], p.mT[:, off_diagonal])
+    assert torch.equal(p, p.mT)
     y = triton_newton_schulz.update(p, x, 3.0)
     assert rel_err(y, 3.0 * x + p @ x) < 1e-5
+
+
+@pytest.mark.parametrize("schedule", ["direct", "stream_k"])
+def test_newton_schulz_triton_schedules_match_reference(schedule):
+    x = torch.randn(2, 30, 47)
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    steps = [MUON_COEFFICIENTS] * 5
+    out = triton_newton_schulz.newton_schulz_triton(x, steps, schedule)
+    ref = x
+    for a_, b_, c_ in steps:
+        g = ref @ ref.mT
+        ref = a_ * ref + (b_ * g + c_ * (g @ g)) @ ref
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_schedule_choice_follows_wave_fill():
+    """2048 rows in 128-row tiles: 136 triangle tiles on 132 SMs fill 52% of a second wave."""
+    assert triton_newton_schulz.choose_schedule(1, 2048, 132) == "stream_k"
+    assert triton_newton_schulz.choose_schedule(8, 2048, 132) == "direct"  # 1088 tiles: 92% fill
+    assert triton_newton_schulz.choose_schedule(1, 1408, 66) == "direct"  # 66 tiles: one full wave
+    with pytest.raises(ValueError, match="schedule"):
+        triton_newton_schulz.gram(torch.randn(1, 4, 4), schedule="fast")
+
+
+def test_batched_gemm_with_scaled_addend():
+    """The GEMM Newton-Schulz's update and the adapter share: 2-D and batched, strided operands."""
+    a = torch.randn(3, 35, 20).mT  # [3, 20, 35], column-major
+    b = torch.randn(3, 35, 41)
+    d = torch.randn(3, 20, 82)[..., ::2]
+    assert rel_err(triton_gemm.gemm(a, b, d, alpha=-2.5), a @ b - 2.5 * d) < 1e-5
+    assert rel_err(triton_gemm.gemm(a[1], b[1]), a[1] @ b[1]) < 1e-5
+    with pytest.raises(ValueError, match="gemm needs"):
+        triton_gemm.gemm(a, b[0])
