@@ -17,10 +17,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
 from retro.config import load_config
-from retro.optim import build_optimizer, exchange
+from retro.optim import Muon, build_optimizer, exchange
 from test_muon import Toy, batches, fp32_close
 from test_muon_fsdp import LRS, _free_port, _local, _shard, _train
 from train_helpers import base_overrides, make_assets, read_metrics, run_train
@@ -52,6 +52,12 @@ def _equal_to_single_process(rank: int, out: Path) -> None:
     with mock.patch.object(exchange.dist, "all_to_all_single", recording):
         _train(model, opt, data, rank, WORLD)
     shard_group = dist.get_process_group_ranks(model.lm_head.weight.device_mesh.get_group("shard"))
+    rejected = []  # layouts the row exchange cannot handle must be refused up front
+    for layout in ([Replicate(), Shard(1)], [Shard(0), Shard(0)]):
+        weight = distribute_tensor(torch.zeros(8, 4), model.lm_head.weight.device_mesh, layout)
+        with pytest.raises(ValueError, match="sharded Shard\\(0\\) along one mesh dimension") as error:
+            Muon([weight])
+        rejected.append(str(error.value))
     errors = {}
     for name, p in model.named_parameters():
         full, expected = p.full_tensor(), ref.get_parameter(name)
@@ -66,7 +72,7 @@ def _equal_to_single_process(rank: int, out: Path) -> None:
     replicas_equal = torch.tensor(float(replicas_equal))
     dist.all_reduce(replicas_equal, op=dist.ReduceOp.MIN)
     if rank == 0:
-        result = {"errors": errors, "calls": calls, "shard_group": shard_group, "placements": [str(p) for p in placements], "replicas_equal": bool(replicas_equal)}
+        result = {"errors": errors, "calls": calls, "rejected": rejected, "shard_group": shard_group, "placements": [str(p) for p in placements], "replicas_equal": bool(replicas_equal)}
         (out / "result.json").write_text(json.dumps(result))
 
 
@@ -131,12 +137,14 @@ def test_hsdp_equals_single_process(tmp_path):
     """4 ranks as 2 replicas x 2 shards, each rank a quarter of the batch, 5 steps. Reference: the
     unsharded Toy with build_optimizer on one process, fed the whole batch. Every parameter matches
     1e-6 relative to the parameter, 1e-5 relative to its displacement (+ 4 fp32 ulps, fp32_close),
-    the two replicas of every shard are bitwise equal, and every step makes exactly 2
-    all_to_all_single calls, both within the rank's shard group."""
+    the two replicas of every shard are bitwise equal, every step makes exactly 2
+    all_to_all_single calls, both within the rank's shard group, and layouts other than one
+    Shard(0) dimension (Shard(1); Shard(0) twice) are refused."""
     _spawn("equal", tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["placements"] == [str((Replicate(), Shard(0)))]  # really HSDP, every Muon param
     assert result["replicas_equal"]
+    assert len(result["rejected"]) == 2
     # rank 0's shard group is {0, 1}: 2 exchanges per step, none across replicas
     assert result["shard_group"] == [0, 1] and result["calls"] == [[0, 1]] * (2 * 5)
     assert len(result["errors"]) == len(list(Toy().parameters()))
