@@ -100,16 +100,39 @@ def bench_newton_schulz(device, dtype, scale, repeats, warmup, triton_ok):
         grad = torch.randn(shape, device=device, dtype=torch.float32)
         fns = {"torch": lambda g=grad: newton_schulz_reference(g, dtype=dtype)}
         if triton_ok:
-            fns["triton"] = lambda g=grad: newton_schulz(g, dtype=dtype)
+            from retro.kernels.triton_newton_schulz import SCHEDULES, newton_schulz_triton
+            fns["triton"] = lambda g=grad: newton_schulz(g, dtype=dtype)  # what Muon calls (auto)
+            # The iterations alone under each triangle schedule, on the same normalised wide stack.
+            wide = grad.to(dtype)
+            wide = (wide.mT if wide.size(-2) > wide.size(-1) else wide).reshape(-1, *sorted(shape[-2:]))
+            wide = (wide / wide.norm(dim=(-2, -1), keepdim=True)).contiguous()
+            steps = [MUON_COEFFICIENTS] * 5
+            for schedule in SCHEDULES[1:]:
+                fns[schedule] = lambda x=wide, s=schedule: newton_schulz_triton(x, steps, s)
         t = side_by_side(fns, repeats, warmup, device)
         flops = ns_flops(shape)
         row = {"kernel": "newton_schulz", "case": name, "shape": list(shape), "flops": flops,
                "torch_ms": t["torch"] * 1e3, "torch_tflops": flops / t["torch"] / 1e12}
         if triton_ok:
+            from retro.kernels.triton_newton_schulz import choose_schedule, sm_count
+            stack = grad.reshape(-1, *shape[-2:])
             row.update(triton_ms=t["triton"] * 1e3, triton_tflops=flops / t["triton"] / 1e12,
-                       speedup=t["torch"] / t["triton"])
+                       speedup=t["torch"] / t["triton"], direct_ms=t["direct"] * 1e3,
+                       stream_k_ms=t["stream_k"] * 1e3,
+                       auto_schedule=choose_schedule(stack.size(0), min(shape[-2:]), sm_count(grad)))
         rows.append(row)
     return rows
+
+
+def forced_triton(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the Triton backend forced (``auto`` keeps cuBLAS addmm for the adapter)."""
+    def run():
+        dispatch.set_backend("triton")
+        try:
+            return fn()
+        finally:
+            dispatch.set_backend("auto")
+    return run
 
 
 def bench_adapter(device, dtype, scale, repeats, warmup, triton_ok):
@@ -123,7 +146,7 @@ def bench_adapter(device, dtype, scale, repeats, warmup, triton_ok):
         g = torch.randn(tokens, h, device=device, dtype=dtype)
         fwd = {"addmm": lambda: torch.addmm(inj, s, w.T), "torch": lambda: adapter_reference(s, w, inj)}
         if triton_ok:
-            fwd["triton"] = lambda: adapter(s, w, inj)
+            fwd["triton"] = forced_triton(lambda: adapter(s, w, inj))
 
         def fwd_bwd(fn):
             def run():
@@ -133,7 +156,7 @@ def bench_adapter(device, dtype, scale, repeats, warmup, triton_ok):
 
         both = {"torch": fwd_bwd(adapter_reference)}
         if triton_ok:
-            both["triton"] = fwd_bwd(adapter)
+            both["triton"] = forced_triton(fwd_bwd(adapter))
         size = dtype.itemsize
         for mode, fns, flops, nbytes in (
             ("forward", fwd, 2 * tokens * h * h, size * (3 * tokens * h + h * h)),
@@ -166,9 +189,12 @@ def machine(device: torch.device) -> dict:
 def print_table(rows: list[dict], peaks: dict) -> None:
     nan = float("nan")
     print(f"measured peaks: GEMM {peaks['gemm_tflops']:.3f} TFLOP/s, copy {peaks['copy_gbs']:.0f} GB/s; "
-          "ratio = torch (addmm for the adapter forward) / triton; %peak of the measured GEMM")
+          "ratio = torch (addmm for the adapter forward) / triton; %peak of the measured GEMM;\n"
+          "Newton-Schulz: triton = what Muon calls (auto schedule, incl. normalise/transpose); direct and "
+          "stream-K = the 5 iterations alone under each triangle schedule")
     head = (f"{'kernel':14} {'case':34} {'torch ms':>9} {'addmm ms':>9} {'triton ms':>9} {'ratio':>6} "
-            f"{'torch TF/s':>10} {'triton TF/s':>11} {'%peak':>6} {'triton GB/s':>11} {'%copy':>6}")
+            f"{'torch TF/s':>10} {'triton TF/s':>11} {'%peak':>6} {'triton GB/s':>11} {'%copy':>6} "
+            f"{'direct ms':>9} {'stream-K ms':>11} {'auto':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -177,7 +203,8 @@ def print_table(rows: list[dict], peaks: dict) -> None:
         print(f"{r['kernel']:14} {r['case']:34} {r['torch_ms']:9.3f} {r.get('addmm_ms', nan):9.3f} "
               f"{r.get('triton_ms', nan):9.3f} {r.get('speedup', nan):6.2f} {r['torch_tflops']:10.3f} "
               f"{tfl:11.3f} {100 * tfl / peaks['gemm_tflops']:6.1f} {gbs:11.0f} "
-              f"{100 * gbs / peaks['copy_gbs']:6.1f}")
+              f"{100 * gbs / peaks['copy_gbs']:6.1f} {r.get('direct_ms', nan):9.3f} "
+              f"{r.get('stream_k_ms', nan):11.3f} {r.get('auto_schedule', ''):>8}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,7 +131,8 @@ def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _sm_count(t: torch.Tensor) -> int:
+def sm_count(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of ``t``'s GPU (the stream-K program count); 4 for CPU tensors."""
     return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 4
 
 
@@ -148,9 +149,9 @@ def _launch_sym(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, K: int, coe
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
     batch, m = out.size(0), out.size(1)
-    sm_count = programs or _sm_count(out)
+    n_programs = programs or sm_count(out)
     if schedule == "auto":
-        schedule = choose_schedule(batch, m, sm_count)
+        schedule = choose_schedule(batch, m, n_programs)
     compiled_args = (batch, m, K, float(coef_y), float(coef_prod), *x.stride(), *y.stride())
     flags = {"HAS_Y": has_y, "IEEE": x.dtype == torch.float32}
 
@@ -171,7 +172,7 @@ def _launch_sym(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, K: int, coe
         return
     ws = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     run(_STREAM_K, ws, _SYM_GPU_CONFIGS, ("ws_ptr",),
-        lambda meta: (min(sm_count, tile_grid(meta)[0] * triton.cdiv(K, meta["BLOCK_K"])),))
+        lambda meta: (min(n_programs, tile_grid(meta)[0] * triton.cdiv(K, meta["BLOCK_K"])),))
     run(_FINALIZE, ws, _FINALIZE_GPU_CONFIGS, (), tile_grid)
 
 

@@ -136,8 +136,6 @@ def test_config_errors(assets, tmp_path):
         load_config(None, ["train.steps=many"])
     with pytest.raises(ConfigError, match="optim.name = 'sgd'"):
         load_config(None, ["optim.name=sgd"])
-    with pytest.raises(ConfigError, match="supports plain FSDP only"):
-        load_config(None, ["optim.name=muon", "parallel.replicate=2"])
     toml = tmp_path / "bad.toml"
     toml.write_text("[train]\nsteps = 5\nbogus = 1\n")
     with pytest.raises(ConfigError, match="unknown config key train.bogus"):
