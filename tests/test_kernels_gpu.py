@@ -90,3 +90,25 @@ def test_newton_schulz_gpu_bf16(shape):
 def test_newton_schulz_gpu_fp32(shape):
     grad = torch.randn(shape, device="cuda")
     assert max_rel(newton_schulz(grad), newton_schulz_reference(grad)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("schedule", ["direct", "stream_k"])
+def test_symmetric_kernels_gpu_both_schedules(schedule, dtype):
+    """A = X X^T and P = bA + cA^2 on a stack of two 1000x1500 matrices, each triangle schedule.
+
+    References are fp32 products of the same (rounded) inputs; outputs must be exactly symmetric.
+    """
+    from retro.kernels import triton_newton_schulz as tns
+    from retro.kernels.newton_schulz import MUON_COEFFICIENTS
+
+    b_, c_ = MUON_COEFFICIENTS[1:]
+    x = (torch.randn(2, 1000, 1500, device="cuda") / 1500**0.5).to(dtype)
+    check = (lambda o, r: max_rel(o, r) < 1e-5) if dtype == torch.float32 else (lambda o, r: fro_rel(o, r) < 1e-2)
+    a = tns.gram(x, schedule)
+    assert check(a, x.float() @ x.float().mT)
+    assert torch.equal(a, a.mT)
+    p = tns.gram_poly(a, b_, c_, schedule)
+    a32 = a.float()
+    assert check(p, b_ * a32 + c_ * (a32 @ a32))
+    assert torch.equal(p, p.mT)
