@@ -25,6 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from retro.data.loader import sampler_state_of
+from retro.data.mixture import reshard_states
+
 MARKER = "COMPLETE"
 
 
@@ -76,17 +79,56 @@ def save(out_dir: Path, step: int, model, optimizer, extra: dict[str, Any], rank
     return path
 
 
+def saved_world_size(path: Path) -> int:
+    """Number of ranks that wrote checkpoint `path` (its rank_0.pt ... rank_<N-1>.pt files)."""
+    ranks = sorted(int(f.stem.split("_")[1]) for f in path.glob("rank_*.pt"))
+    if not ranks or ranks != list(range(len(ranks))):
+        raise FileNotFoundError(f"{path}: rank files {[f'rank_{r}.pt' for r in ranks]} are not rank_0.pt ... "
+                                f"rank_<N-1>.pt; the checkpoint is incomplete")
+    return len(ranks)
+
+
 def load(path: Path, model, optimizer, rank: int, world_size: int) -> dict[str, Any]:
-    """Load model + optimizer (resharded as needed) and return this rank's extra state."""
+    """Load model + optimizer (resharded as needed) and return this rank's extra state.
+
+    From a checkpoint written by another number of ranks the extra state comes from
+    `reshard_extra`: it holds "sampler" and "reshard" instead of "loader".
+    """
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    saved = len(list(path.glob("rank_*.pt")))
-    if saved != world_size:
-        raise RuntimeError(f"{path} was written by {saved} ranks; resuming with {world_size} ranks is not supported "
-                           "(data-loader positions are per rank)")
-    return torch.load(path / f"rank_{rank}.pt", weights_only=False)
+    saved = saved_world_size(path)
+    if saved == world_size:
+        return torch.load(path / f"rank_{rank}.pt", weights_only=False)
+    extras = [torch.load(path / f"rank_{r}.pt", weights_only=False) for r in range(saved)]
+    return reshard_extra(extras, rank, world_size, path)
+
+
+RESHARDABLE = ("step", "scheduler", "loader", "rng")
+
+
+def reshard_extra(extras: list[dict[str, Any]], rank: int, world_size: int, path: Path) -> dict[str, Any]:
+    """Rank `rank` of `world_size`'s extra state from the N saved ones (N != world_size).
+
+    step and scheduler are the same on every rank (checked); the data position is rebuilt from all
+    ranks' sampler states ("sampler": this rank's, "reshard": the whole plan, for the log); the
+    CPU RNG state, which no training sample depends on, is taken from old rank `rank mod N`.
+    """
+    unknown = sorted(set().union(*extras) - set(RESHARDABLE))
+    if unknown:
+        raise ValueError(f"{path}: extra state {unknown} cannot be resharded from {len(extras)} to {world_size} ranks")
+    for key in ("step", "scheduler"):
+        for r, extra in enumerate(extras):
+            if extra[key] != extras[0][key]:
+                raise ValueError(f"{path / f'rank_{r}.pt'}: {key} differs from rank_0.pt's; cannot reshard a "
+                                 "checkpoint whose ranks disagree on it")
+    try:
+        plan = reshard_states([sampler_state_of(e["loader"]) for e in extras], world_size)
+    except ValueError as error:
+        raise ValueError(f"{path}: cannot reshard the data-loader state to {world_size} ranks: {error}") from error
+    return {"step": extras[0]["step"], "scheduler": extras[0]["scheduler"], "rng": extras[rank % len(extras)]["rng"],
+            "sampler": plan.states[rank], "reshard": plan}
 
 
 def load_model_only(path: Path, model) -> None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from retro import checkpoint
 from retro.config import Config, ConfigError, load_config, save_config, split_cli_overrides
 from retro.data.loader import build_train_loader, build_val_batches
+from retro.data.mixture import Reshard
 from retro.data.shards import TokenShards, check_tokenizer_matches
 from retro.hf_weights import WeightReader
 from retro.metrics import FlopModel, MetricsLog, peak_flops
@@ -120,6 +121,21 @@ def validate(model, batches, recurrences: list[int], device) -> dict[str, float]
     return out
 
 
+def reshard_warning(plan: Reshard, path: Path, step: int, cfg: Config) -> str:
+    """What changes when a checkpoint resumes on another number of ranks (printed by rank 0)."""
+    text = (f"retro.train: warning: resuming {plan.old_world_size}-rank checkpoint {path} on {plan.new_world_size} "
+            f"ranks; data order per source: {plan.describe([str(p) for p in cfg.data.train])}")
+    if len(plan.reread) > 1:
+        text += f"; {sum(plan.reread)} windows re-read in all"
+    if step:  # every step read accumulation x micro_batch windows on each old rank
+        state = plan.states[0]
+        saved_global = state["batches"] // step * state["config"]["batch_size"] * plan.old_world_size
+        if saved_global != cfg.train.global_batch:
+            text += (f"; the global batch changes from {saved_global} (saved run) to train.global_batch = "
+                     f"{cfg.train.global_batch}")
+    return text
+
+
 class SignalFlag:
     """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask for a checkpoint and exit."""
 
@@ -164,7 +180,12 @@ def train(cfg: Config) -> int:
     if resume_from is not None:
         extra = checkpoint.load(resume_from, model, optimizer, info.rank, info.world_size)
         scheduler.load_state_dict(extra["scheduler"])
-        loader.load_state_dict(extra["loader"])
+        if "reshard" in extra:  # written by another number of ranks
+            loader.load_sampler_state(extra["sampler"])
+            if info.is_main:
+                print(reshard_warning(extra["reshard"], resume_from, extra["step"], cfg), file=sys.stderr, flush=True)
+        else:
+            loader.load_state_dict(extra["loader"])
         torch.set_rng_state(extra["rng"])
         start_step = extra["step"]
     if info.is_main:

@@ -85,7 +85,7 @@ def _keep_batch(batch: Batch) -> Batch:
     return batch
 
 
-def _sampler_state(state: dict[str, Any]) -> dict[str, Any]:
+def sampler_state_of(state: dict[str, Any]) -> dict[str, Any]:
     """The sampler's state inside a StatefulDataLoader state dict (0 or N workers)."""
     main = state["_snapshot"]["_main_snapshot"] if "_snapshot" in state else state
     if "_snapshot" in state and state.get("_steps_since_snapshot", 0) != 0:
@@ -101,8 +101,13 @@ class ShardLoader(StatefulDataLoader):
         if not state_dict or saved_workers == self.num_workers:
             super().load_state_dict(state_dict)
             return
-        self.batch_sampler.load_state_dict(_sampler_state(state_dict))
+        self.batch_sampler.load_state_dict(sampler_state_of(state_dict))
         super().load_state_dict({})  # drop any live iterator; the next iter() starts at the sampler
+
+    def load_sampler_state(self, state: dict[str, Any]) -> None:
+        """Continue from a bare sampler state, e.g. one resharded for another world size."""
+        self.batch_sampler.load_state_dict(state)
+        super().load_state_dict({})
 
     def __iter__(self) -> Iterator[Batch]:
         # A second iter() must not skip the batches the previous iterator had prefetched.
@@ -112,7 +117,7 @@ class ShardLoader(StatefulDataLoader):
 
     def sampler_state(self) -> dict[str, Any]:
         """Sampler state as of the last batch yielded (not the prefetch position)."""
-        return _sampler_state(self.state_dict())
+        return sampler_state_of(self.state_dict())
 
     def realised_proportions(self) -> dict[str, float]:
         """Realised source proportions over all batches yielded so far (for logging)."""

@@ -13,12 +13,19 @@ samples of each source and realised proportions track the weights closely.
 
 The whole state is a handful of integers (`state_dict`), so StatefulDataLoader snapshots it
 every step for free, and a restart continues with exactly the next batch.
+
+A restart on a different number of ranks (`reshard_states`) cannot continue bit for bit, since
+rank r's positions r, r + W, ... change with W. Instead, per source, the new ranks continue the
+same epoch's order from the longest prefix every old rank has read (rounded down to a multiple of
+the new world size), so no window is skipped; the few windows past that prefix that some old rank
+had already read are read again, and counted.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -143,3 +150,102 @@ class MixtureBatchSampler:
         self.epoch = [int(x) for x in state["epoch"]]
         self.pos = [int(x) for x in state["pos"]]
         self.counts = [int(x) for x in state["counts"]]
+
+    @staticmethod
+    def reshard_state(states: Sequence[dict[str, Any]], new_world_size: int, new_rank: int) -> dict[str, Any]:
+        """State for rank `new_rank` of `new_world_size` from every old rank's state (see `reshard_states`)."""
+        return reshard_states(states, new_world_size).states[new_rank]
+
+
+@dataclass(frozen=True)
+class Reshard:
+    """How the data order continues when the states of N ranks resume on M ranks (lists are per source)."""
+
+    old_world_size: int
+    new_world_size: int
+    states: list[dict[str, Any]]  # one sampler state per new rank
+    epoch: list[int]  # the epoch the new ranks continue in
+    consumed: list[int]  # positions [0, consumed) of that epoch's order were read by the old ranks
+    start: list[int]  # the new ranks read positions start, start + 1, ... of that epoch's order
+    reread: list[int]  # windows some old rank read that the new ranks will read again
+
+    def describe(self, names: Sequence[str]) -> str:
+        return "; ".join(f"{name}: epoch {e} continues at global position {start} ({consumed} read before), "
+                         f"{k} windows re-read"
+                         for name, e, consumed, start, k in zip(names, self.epoch, self.consumed, self.start, self.reread))
+
+
+def _count_below(first: int, stop: int, rank: int, world: int, limit: int) -> int:
+    """How many j in [first, stop) have position rank + j * world < limit."""
+    below = max(0, -(-(limit - rank) // world))
+    return max(0, min(stop, below) - first)
+
+
+def reshard_states(states: Sequence[dict[str, Any]], new_world_size: int) -> Reshard:
+    """New sampler states for `new_world_size` ranks from the states of all N old ranks (rank order).
+
+    Per source, old rank r has read positions r + j*N for j < per_rank of earlier epochs and for
+    j < pos of its current epoch. Measured in per-rank steps, L_r = epoch * per_rank + pos; the
+    minimum over ranks, (e, p), means every position below g = p*N of epoch e has been read (and
+    all usable ones of earlier epochs). The new ranks continue epoch e at start = floor(g / M) * M
+    (rank r' at pos start / M), so nothing is skipped. Re-read: the g - start boundary windows plus
+    every window an old rank read past g (at most sum over ranks of L_r - min L) that lies in the
+    new world's usable range of its epoch. A single source keeps all ranks level, so at most M - 1
+    windows are re-read; in a mixture, ranks drift apart by a few windows per source.
+    `batches` carries over (all ranks share it); `counts` (for proportions) is split evenly.
+    """
+    if not states:
+        raise ValueError("reshard_states: no saved sampler states given")
+    if new_world_size < 1:
+        raise ValueError(f"reshard_states: new world size must be positive, got {new_world_size}")
+    old = len(states)
+    first = states[0]
+    for r, state in enumerate(states):
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"rank {r}: data loader state version {state.get('version')!r} != {STATE_VERSION}")
+        config = state["config"]
+        if config["rank"] != r or config["world_size"] != old:
+            raise ValueError(f"rank {r}: state says rank {config['rank']} of {config['world_size']}, expected rank {r} "
+                             f"of {old} (one state per old rank, in rank order)")
+        for key in ("num_windows", "weights", "batch_size", "seed"):
+            if config[key] != first["config"][key]:
+                raise ValueError(f"rank {r}: data loader {key} = {config[key]!r} differs from rank 0's "
+                                 f"{first['config'][key]!r}; the saved states do not belong to one run")
+        if state["batches"] != first["batches"]:
+            raise ValueError(f"rank {r}: {state['batches']} batches read, rank 0 read {first['batches']}; "
+                             "ranks must be saved at the same step")
+    num_windows = first["config"]["num_windows"]
+    new_states = [{"version": STATE_VERSION, "batches": int(first["batches"]), "epoch": [], "pos": [], "counts": [],
+                   "config": {**first["config"], "rank": r, "world_size": new_world_size}}
+                  for r in range(new_world_size)]
+    epochs, consumed, starts, rereads = [], [], [], []
+    for s, n in enumerate(num_windows):
+        if n < new_world_size:
+            raise ValueError(f"source {s}: {n} windows cannot feed {new_world_size} ranks")
+        per_rank, new_per_rank = n // old, n // new_world_size
+        steps = [state["epoch"][s] * per_rank + state["pos"][s] for state in states]
+        e, p = divmod(min(steps), per_rank)
+        g = p * old
+        limit = new_per_rank * new_world_size  # the new world reads positions [0, limit) of each epoch
+        start = g // new_world_size * new_world_size
+        if start < limit:
+            new_epoch, reread = e, g - start
+        else:  # g lies in the new world's remainder of epoch e: continue with epoch e + 1
+            new_epoch, start, reread = e + 1, 0, 0
+            g = 0  # no position of epoch e + 1 is known to be read by every old rank
+        for r, state in enumerate(states):  # old reads past the prefix that the new ranks reach again
+            er, pr = state["epoch"][s], state["pos"][s]
+            for epoch in range(e, er + 1):
+                lo = p if epoch == e else 0
+                hi = pr if epoch == er else per_rank
+                reread += _count_below(lo, hi, r, old, limit)
+        epochs.append(new_epoch)
+        consumed.append(g)
+        starts.append(start)
+        rereads.append(reread)
+        total = sum(state["counts"][s] for state in states)
+        for r, state in enumerate(new_states):
+            state["epoch"].append(new_epoch)
+            state["pos"].append(start // new_world_size)
+            state["counts"].append(total // new_world_size + (r < total % new_world_size))
+    return Reshard(old, new_world_size, new_states, epochs, consumed, starts, rereads)
