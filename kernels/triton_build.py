@@ -19,6 +19,11 @@ from typing import Any
 from retro.kernels.dispatch import interpreting
 
 
+def _even_k(args: dict) -> bool:
+    """``EVEN_K``: K is a multiple of BLOCK_K, so the main loop's loads need no mask."""
+    return args["K"] % args["BLOCK_K"] == 0
+
+
 @functools.cache
 def _jit(fn: Callable, interpret: bool, configs: tuple | None, key: tuple[str, ...],
          reset_to_zero: tuple[str, ...]) -> Any:
@@ -26,6 +31,8 @@ def _jit(fn: Callable, interpret: bool, configs: tuple | None, key: tuple[str, .
 
     del interpret  # part of the cache key only: triton.jit reads TRITON_INTERPRET itself
     kernel = triton.jit(fn)
+    if "EVEN_K" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
+        kernel = triton.heuristics({"EVEN_K": _even_k})(kernel)
     if configs is None:
         return kernel
     return triton.autotune(configs=[triton.Config(dict(c), num_warps=w, num_stages=s)
@@ -41,6 +48,7 @@ def kernel(fn: Callable, gpu_configs: Sequence[tuple[dict, int, int]], key: Sequ
     ``key``; ``reset_to_zero`` names buffers the kernel accumulates into, zeroed before each
     autotuning trial. Interpreter mode: the bare kernel; the caller passes small fixed block sizes.
     One kernel function may be wrapped several times with different configs (separate tuners).
+    A kernel with an ``EVEN_K`` parameter gets it computed from its ``K`` and ``BLOCK_K``.
     """
     if interpreting():
         return _jit(fn, True, None, (), ())

@@ -37,7 +37,7 @@ def _gemm_kernel(
     M, N, K, alpha,
     stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
     stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn,
-    HAS_D: tl.constexpr, IEEE: tl.constexpr,
+    HAS_D: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share column-tiles of B while they sit in L2.
@@ -55,14 +55,19 @@ def _gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # Rows/columns past the edge load a wrapped-around valid row instead of being masked (the
-    # results are discarded at the store), so only the K tail needs a mask in the main loop.
+    # results are discarded at the store), so only the K tail needs a mask in the main loop, and
+    # none at all when K is a multiple of BLOCK_K (EVEN_K, set by triton_build).
     a_rows = a_ptr + batch * stride_ab + (rm % M)[:, None] * stride_am
     b_cols = b_ptr + batch * stride_bb + (rn % N)[None, :] * stride_bn
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=kk[None, :] < K, other=0.0)
-        b = tl.load(b_cols + kk[:, None] * stride_bk, mask=kk[:, None] < K, other=0.0)
+        if EVEN_K:
+            a = tl.load(a_rows + kk[None, :] * stride_ak)
+            b = tl.load(b_cols + kk[:, None] * stride_bk)
+        else:
+            a = tl.load(a_rows + kk[None, :] * stride_ak, mask=kk[None, :] < K, other=0.0)
+            b = tl.load(b_cols + kk[:, None] * stride_bk, mask=kk[:, None] < K, other=0.0)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:

@@ -51,7 +51,7 @@ def _sym_kernel(
     x_ptr, y_ptr, ws_ptr, out_ptr, batch, m, K, coef_y, coef_prod,
     stride_xb, stride_xr, stride_xk, stride_yb, stride_yk, stride_yc,
     stride_wb, stride_wr, stride_wc, stride_ob, stride_or, stride_oc,
-    MODE: tl.constexpr, HAS_Y: tl.constexpr, IEEE: tl.constexpr,
+    MODE: tl.constexpr, HAS_Y: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out = coef_prod * X @ Y (+ coef_y * Y) for a product known to be symmetric [m, m].
@@ -98,8 +98,12 @@ def _sym_kernel(
             acc = tl.full((BLOCK, BLOCK), 0.0, dtype=tl.float32)
             for ki in range(k_lo, k_hi):
                 kk = ki * BLOCK_K + rk
-                xa = tl.load(x_rows + kk[None, :] * stride_xk, mask=kk[None, :] < K, other=0.0)
-                yb = tl.load(y_cols + kk[:, None] * stride_yk, mask=kk[:, None] < K, other=0.0)
+                if EVEN_K:  # K a multiple of BLOCK_K (set by triton_build): no mask
+                    xa = tl.load(x_rows + kk[None, :] * stride_xk)
+                    yb = tl.load(y_cols + kk[:, None] * stride_yk)
+                else:
+                    xa = tl.load(x_rows + kk[None, :] * stride_xk, mask=kk[None, :] < K, other=0.0)
+                    yb = tl.load(y_cols + kk[:, None] * stride_yk, mask=kk[:, None] < K, other=0.0)
                 if IEEE:
                     acc = tl.dot(xa, yb, acc, input_precision="ieee")
                 else:
