@@ -45,6 +45,8 @@ CPU_SETTINGS: dict[str, list[str]] = {
     "muon": ["--hidden", "128", "--layers", "4", "--intermediate", "344", "--vocab", "2048", "--batch", "2",
              "--seq", "128", "--repeats", "3", "--ns-repeats", "2", "--no-torch-muon"],
     "kernels": ["--repeats", "2", "--scale", "8", "--out", "{out}/kernels.json"],
+    "scaling": ["--hidden", "128", "--shape", "1,2,1", "--vocab", "2048", "--batch", "8", "--seq", "64",
+                "--recurrences", "1,8", "--repeats", "3", "--warmup", "1"],
 }
 VERSIONED = ("torch", "transformers", "triton", "numpy", "datasets", "torchdata", "safetensors")
 

@@ -1,0 +1,36 @@
+"""Smoke test of benchmarks.scaling at toy size: it runs the 1-rank and both 2-rank layouts through
+benchmarks.run's child entry, and its collective counts show the core unit's bounded gathers.
+No timing assertions: times on shared cores are noise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+LAYOUTS = ["1 rank", "2 ranks, core unit", "2 ranks, per-layer units"]
+
+
+def test_scaling_benchmark_writes_rows(tmp_path):
+    args = ["--hidden", "32", "--vocab", "128", "--seq", "16", "--batch", "4", "--recurrences", "1,3",
+            "--repeats", "1", "--warmup", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--child", "scaling", str(tmp_path), "--", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "scaling.json").read_text())
+    assert payload["machine"]["torch"] and "benchmarks" in payload["command"]
+    rows = {(row["r"], row["layout"]): row for row in payload["rows"]}
+    assert sorted(rows) == sorted((r, layout) for r in (1, 3) for layout in LAYOUTS)
+    for (r, layout), row in rows.items():
+        assert row["k"] == r and row["n"] == 0
+        assert row["median_s"] > 0 and row["tokens_per_s"] > 0 and row["cpu_s"] > 0
+        assert (row["efficiency"] is None) == (layout == "1 rank")
+    core = [rows[r, "2 ranks, core unit"]["all_gathers"] for r in (1, 3)]
+    naive = [rows[r, "2 ranks, per-layer units"]["all_gathers"] for r in (1, 3)]
+    assert core[0] == core[1] == 8, core  # prelude, core, coda, root: forward + backward, whatever r
+    assert naive[1] > naive[0] > core[0], naive  # per-layer block units are re-gathered every pass
+    assert rows[3, "2 ranks, per-layer units"]["all_gather_MiB"] > rows[3, "2 ranks, core unit"]["all_gather_MiB"]
