@@ -12,7 +12,7 @@ On shared cores wall time also measures the neighbours, so each row also reports
 step (summed over ranks; a rank blocked in a gloo collective uses none) and cpu_efficiency =
 cpu(1 rank) / cpu(2 ranks): FSDP2's extra work, without the waiting.
 
-    python -m benchmarks.scaling [--hidden 128 --shape 1,2,1 --vocab 2048 --seq 128 --batch 8 --recurrences 1,8 --repeats 7]
+    python -m benchmarks.scaling [--hidden 128 --shape 1,2,1 --vocab 2048 --seq 128 --batch 8 --recurrences 1,8 --repeats 9]
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences); each of 2 ranks takes half")
     parser.add_argument("--recurrences", default="1,8", help="fixed r per row group; k = min(r, backprop depth 8)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each steps every layout once)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (each steps every layout once)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--optim", default="adamw", choices=["adamw", "muon"], help="the trainer's optim.name")
     args = parser.parse_args()
@@ -224,7 +224,7 @@ def main() -> None:
     print_table(rows, ["r", "n", "k", "layout", "median_s", "tokens_per_s", "efficiency", "vs_core_unit", "cpu_s",
                        "cpu_efficiency", "all_gathers", "reduce_scatters", "all_gather_MiB", "reduce_scatter_MiB"])
     raw = {str(total): {"wall": m["times"], "cpu": m["cpu"]} for total, m in measured.items()}
-    path = write_results("scaling", {"args": vars(args), "load_average": load, "rows": rows, "step_times_s": raw})
+    path = write_results("scaling", {"args": vars(args), "ranks": 2, "threads_per_rank": 1, "load_average": load, "rows": rows, "step_times_s": raw})
     print(f"wrote {path}")
 
 
