@@ -45,14 +45,14 @@ LAYOUTS = ("1 rank", "2 ranks, core unit", "2 ranks, per-layer units")
 
 def per_layer_parallelize(model: retro.RetroForCausalLM, mesh, config: ParallelConfig, dtype: torch.dtype):
     """The naive layout of tests/test_parallel.py: every decoder layer (block layers included) its own
-    unit, with parallelize's settings (fp32, reshard_after_forward for the root too) so only the unit
-    boundaries differ from the trainer's layout."""
+    unit, with parallelize's settings (fp32, reshard_after_forward except for the root) so only the
+    unit boundaries differ from the trainer's layout."""
     if dtype != torch.float32:
         raise ValueError(f"per-layer baseline is fp32 only, got {dtype}")
     parallelize(model, None, config, dtype)  # activation checkpointing flags only
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=config.reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=config.reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # as parallelize: the root stays gathered
     return model
 
 

@@ -88,7 +88,10 @@ def parallelize(model: RetroForCausalLM, mesh: DeviceMesh | None, config: Parall
         fully_shard(layer, **kwargs)
     if inner.recurrent is not None:
         fully_shard(inner.recurrent, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root (embeddings, final norm, head) stays gathered from forward into backward, as FSDP2
+    # does by default: the backward starts with the head, so resharding it would only buy one more
+    # all-gather of the largest unit (the root is gathered for the whole forward anyway).
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
 
 
