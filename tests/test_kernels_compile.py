@@ -117,3 +117,22 @@ def test_fp32_products_stay_ieee():
                                 {k: "*fp32" for k in BF16}, warps, stages)
     ptx = kernel.asm["ptx"]
     assert "tf32" not in ptx and counts(kernel)["wgmma"] == 0
+
+
+@pytest.mark.parametrize("product", ["grad_state", "grad_weight"])
+def test_adapter_backward_layouts_stay_pipelined(product):
+    """The backward reads transposed views (g^T, W[:, :h] by rows): still wgmma and cp.async."""
+    T, h = 8192, 2048
+    if product == "grad_state":  # g [T, h] @ W[:, :h] (row stride 2h)
+        values = dict(M=T, N=h, K=h, stride_ab=T * h, stride_am=h, stride_ak=1, stride_bb=2 * h * h,
+                      stride_bk=2 * h, stride_bn=1)
+    else:  # g^T [h, T] (column-major view) @ state rows [T, h]
+        values = dict(M=h, N=h, K=T, stride_ab=T * h, stride_am=1, stride_ak=h, stride_bb=T * h,
+                      stride_bk=h, stride_bn=1)
+    values.update(alpha=1.0, stride_db=values["M"] * h, stride_dm=h, stride_dn=1, stride_cb=values["M"] * h,
+                  stride_cm=h, stride_cn=1)
+    meta, warps, stages = triton_gemm.GPU_CONFIGS[0]
+    kernel = compile_for_hopper(triton_gemm._gemm_kernel, values,
+                                {"HAS_D": False, "IEEE": False, "EVEN_K": True, **meta}, BF16, warps, stages)
+    c = counts(kernel)
+    assert c["wgmma"] >= 1 and c["async_copy"] >= 2 * (stages - 1), c
