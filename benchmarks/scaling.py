@@ -192,6 +192,7 @@ def rows_from(measured: dict, args: argparse.Namespace) -> list[dict]:
                          "cpu_s": round(cpu, 4), "cpu_efficiency": round(one_cpu / cpu, 3) if layout != "1 rank" else None,
                          "all_gathers": comm.get("all_gather"), "reduce_scatters": comm.get("reduce_scatter"),
                          "all_gather_MiB": round(comm["all_gather_bytes"] / 2**20, 2) if comm else None,
+                         "all_gather_bytes": comm.get("all_gather_bytes"),
                          "reduce_scatter_MiB": round(comm["reduce_scatter_bytes"] / 2**20, 2) if comm else None})
     return rows
 
