@@ -100,14 +100,15 @@ def bench_newton_schulz(device, dtype, scale, repeats, warmup, triton_ok):
         grad = torch.randn(shape, device=device, dtype=torch.float32)
         fns = {"torch": lambda g=grad: newton_schulz_reference(g, dtype=dtype)}
         if triton_ok:
-            from retro.kernels.triton_newton_schulz import SCHEDULES, newton_schulz_triton
+            from retro.kernels.dispatch import NS_SCHEDULES
+            from retro.kernels.triton_newton_schulz import newton_schulz_triton
             fns["triton"] = lambda g=grad: newton_schulz(g, dtype=dtype)  # what Muon calls (auto)
             # The iterations alone under each triangle schedule, on the same normalised wide stack.
             wide = grad.to(dtype)
             wide = (wide.mT if wide.size(-2) > wide.size(-1) else wide).reshape(-1, *sorted(shape[-2:]))
             wide = (wide / wide.norm(dim=(-2, -1), keepdim=True)).contiguous()
             steps = [MUON_COEFFICIENTS] * 5
-            for schedule in SCHEDULES[1:]:
+            for schedule in NS_SCHEDULES[1:]:
                 fns[schedule] = lambda x=wide, s=schedule: newton_schulz_triton(x, steps, s)
         t = side_by_side(fns, repeats, warmup, device)
         flops = ns_flops(shape)

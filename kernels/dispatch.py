@@ -7,6 +7,10 @@
 * ``triton`` always Triton; CPU tensors are allowed only under ``TRITON_INTERPRET=1`` (the tests).
 
 The config setting, when given, wins over the environment.
+
+``RETRO_NS_SCHEDULE`` (``auto``/``direct``/``stream_k``) picks how the Triton Newton-Schulz kernels
+schedule the symmetric products (see :mod:`retro.kernels.triton_newton_schulz`); ``auto`` decides
+from the GPU's SM count.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "RETRO_KERNELS"
+NS_SCHEDULES = ("auto", "direct", "stream_k")
+NS_SCHEDULE_ENV = "RETRO_NS_SCHEDULE"
 # dtypes the Triton kernels accept (tl.dot with fp32 accumulation); others take the torch path.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -77,3 +83,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "interpreter on CPU, or use RETRO_KERNELS=auto"
         )
     return True
+
+
+def ns_schedule() -> str:
+    """The Newton-Schulz triangle schedule from ``$RETRO_NS_SCHEDULE`` (default ``auto``)."""
+    name = os.environ.get(NS_SCHEDULE_ENV, "auto").strip().lower() or "auto"
+    if name not in NS_SCHEDULES:
+        raise ValueError(f"{NS_SCHEDULE_ENV}={name!r} is not a Newton-Schulz schedule; choose one of {NS_SCHEDULES}")
+    return name

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from retro.kernels.dispatch import use_triton
+from retro.kernels.dispatch import ns_schedule, use_triton
 
 # (a, b, c) of the quintic X <- aX + (bA + cA^2)X, A = X X^T; Keller Jordan's Muon coefficients.
 MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -67,7 +67,8 @@ def newton_schulz(
 
     Same arguments, shapes and result; any leading dims form a batch of same-shape matrices.
     Normalisation and the tall/wide transpose stay in torch (cheap, memory-bound); the
-    iterations run as three kernels each (X X^T and bA + cA^2 on one triangle, aX + PX).
+    iterations run as three kernels each (X X^T and bA + cA^2 on one triangle, aX + PX), the
+    triangle scheduled as ``$RETRO_NS_SCHEDULE`` says (default ``auto``).
     """
     if grad.dim() < 2:
         raise ValueError(f"Newton-Schulz needs matrices, got shape {tuple(grad.shape)}")
@@ -82,7 +83,7 @@ def newton_schulz(
     wide_shape = work.shape
     work = work / work.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     stack = work.reshape(-1, *wide_shape[-2:]).contiguous()
-    out = newton_schulz_triton(stack, _per_step(coefficients, steps)).view(wide_shape)
+    out = newton_schulz_triton(stack, _per_step(coefficients, steps), ns_schedule()).view(wide_shape)
     if tall:
         out = out.mT
     return out.to(grad.dtype)

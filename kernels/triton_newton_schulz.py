@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from retro.kernels.dispatch import NS_SCHEDULES
 from retro.kernels.triton_build import kernel
 from retro.kernels.triton_gemm import gemm
 
-SCHEDULES = ("auto", "direct", "stream_k")
 MIN_WAVE_FILL = 0.8
 # Kernel modes (constexpr: a kernel may only read globals declared as such).
 _DIRECT, _STREAM_K, _FINALIZE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -154,8 +154,8 @@ def choose_schedule(batch: int, m: int, sm_count: int) -> str:
 
 def _launch_sym(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, K: int, coef_y: float,
                 coef_prod: float, has_y: bool, schedule: str, programs: int | None) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
+    if schedule not in NS_SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {NS_SCHEDULES}")
     batch, m = out.size(0), out.size(1)
     n_programs = programs or sm_count(out)
     if schedule == "auto":

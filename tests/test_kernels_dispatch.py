@@ -31,6 +31,14 @@ def test_env_selects_backend(monkeypatch):
         dispatch.get_backend()
 
 
+def test_ns_schedule_env_is_validated(monkeypatch):
+    monkeypatch.delenv(dispatch.NS_SCHEDULE_ENV, raising=False)
+    assert dispatch.ns_schedule() == "auto"
+    monkeypatch.setenv(dispatch.NS_SCHEDULE_ENV, "streamk")
+    with pytest.raises(ValueError, match="RETRO_NS_SCHEDULE='streamk'"):
+        dispatch.ns_schedule()
+
+
 def test_config_overrides_env(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     dispatch.set_backend("triton")

@@ -222,3 +222,24 @@ def test_batched_gemm_with_scaled_addend():
     assert rel_err(triton_gemm.gemm(a_even, b_even), a_even @ b_even) < 1e-5
     with pytest.raises(ValueError, match="gemm needs"):
         triton_gemm.gemm(a, b[0])
+
+
+@pytest.mark.parametrize("env,expected", [(None, "auto"), ("direct", "direct"), ("Stream_K", "stream_k")])
+def test_ns_schedule_env_reaches_the_kernels(monkeypatch, env, expected):
+    """RETRO_NS_SCHEDULE picks the triangle schedule Muon's newton_schulz call uses."""
+    seen = []
+    launch = triton_newton_schulz._launch_sym
+
+    def recording(*args):
+        seen.append(args[7])  # the schedule argument
+        return launch(*args)
+
+    monkeypatch.setattr(triton_newton_schulz, "_launch_sym", recording)
+    if env is None:
+        monkeypatch.delenv(dispatch.NS_SCHEDULE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(dispatch.NS_SCHEDULE_ENV, env)
+    grad = torch.randn(20, 30)
+    assert rel_err(newton_schulz(grad, steps=2), newton_schulz_reference(grad, steps=2)) < 1e-4
+    assert seen == [expected] * 4  # two steps x (gram, gram_poly)
+
