@@ -84,8 +84,10 @@ def _collectives_per_step(rank: int, world: int, out: Path) -> None:
         (out / "result.json").write_text(json.dumps(counts))
 
 
-def _checkpoint_resume(rank: int, world: int, out: Path) -> None:
-    mesh = init_device_mesh("cpu", (world,))
+def checkpoint_resume_result(mesh, rank: int, world: int, out: Path) -> tuple[dict, torch.optim.Optimizer]:
+    """Train 3 steps, DCP-save, train 2 more; load the checkpoint into a differently initialised
+    model and train the same 2 steps. Returns the mismatches (parameters, optimizer state) and the
+    resumed optimizer. Shared by the FSDP and HSDP tests; ``mesh`` decides the layout."""
     data = batches(5, rows=2 * world)
     torch.manual_seed(0)
     model = _shard(Toy(), mesh)
@@ -112,7 +114,11 @@ def _checkpoint_resume(rank: int, world: int, out: Path) -> None:
         for key, value in opt.state[p].items():
             if not torch.equal(_local(value), _local(resumed_opt.state[q][key])):
                 mismatched.append(f"state {key}")
-    result = {"mismatched": mismatched, "state_tensors": n_state}
+    return {"mismatched": mismatched, "state_tensors": n_state}, resumed_opt
+
+
+def _checkpoint_resume(rank: int, world: int, out: Path) -> None:
+    result, _ = checkpoint_resume_result(init_device_mesh("cpu", (world,)), rank, world, out)
     (out / f"result{rank}.json").write_text(json.dumps(result))
 
 
