@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -18,8 +17,11 @@ RESULTS = Path(__file__).parent / "results"
 
 def machine_info() -> dict:
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 

@@ -50,8 +50,12 @@ def make_tokenizer(directory: Path, corpus: Path, vocab: int) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     texts = [json.loads(line)["text"] for line in open(corpus)][:2000]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     out = directory / "tok"
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(out))
     return out
@@ -64,8 +68,24 @@ def bench_prepare(corpus: Path, tok: Path, work: Path, num_proc: int, repeats: i
     for r in range(repeats):
         out = work / f"prep{num_proc}_{r}"
         start = time.perf_counter()
-        assert main(["--input", str(corpus), "--tokenizer", str(tok), "--out", str(out), "--quiet",
-                     "--num-proc", str(num_proc), "--val-fraction", "0.01"]) == 0
+        assert (
+            main(
+                [
+                    "--input",
+                    str(corpus),
+                    "--tokenizer",
+                    str(tok),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    "--num-proc",
+                    str(num_proc),
+                    "--val-fraction",
+                    "0.01",
+                ]
+            )
+            == 0
+        )
         times.append(time.perf_counter() - start)
         from retro.data.shards import TokenShards
 
@@ -73,14 +93,16 @@ def bench_prepare(corpus: Path, tok: Path, work: Path, num_proc: int, repeats: i
     return statistics.median(times), tokens
 
 
-def bench_loader(data: Path, seq: int, batch: int, workers: int, doc_positions: bool, batches: int,
-                 repeats: int) -> float:
+def bench_loader(
+    data: Path, seq: int, batch: int, workers: int, doc_positions: bool, batches: int, repeats: int
+) -> float:
     from retro.data.loader import build_train_loader
 
     times = []
     for r in range(repeats):
-        loader = build_train_loader([data], None, seq, batch, 0, 1, seed=r, num_workers=workers,
-                                    doc_positions=doc_positions)
+        loader = build_train_loader(
+            [data], None, seq, batch, 0, 1, seed=r, num_workers=workers, doc_positions=doc_positions
+        )
         it = iter(loader)
         next(it)  # worker start-up is a one-off cost, not throughput
         start = time.perf_counter()
@@ -119,14 +141,27 @@ def main() -> None:
         rows = []
         for num_proc in (1, 2):
             secs, tokens = bench_prepare(corpus, tok, work, num_proc, args.repeats)
-            rows.append({"stage": "prepare", "config": f"--num-proc {num_proc}", "tokens_per_s": tokens / secs,
-                         "median_s": secs, "tokens": tokens})
+            rows.append(
+                {
+                    "stage": "prepare",
+                    "config": f"--num-proc {num_proc}",
+                    "tokens_per_s": tokens / secs,
+                    "median_s": secs,
+                    "tokens": tokens,
+                }
+            )
         data = work / "prep1_0"
         for workers in (0, 2):
             for doc_positions in (False, True):
                 tps = bench_loader(data, args.seq, args.batch, workers, doc_positions, args.batches, args.repeats)
-                rows.append({"stage": "loader", "config": f"workers={workers} doc_positions={doc_positions}",
-                             "tokens_per_s": tps, "tokens": args.batches * args.batch * args.seq})
+                rows.append(
+                    {
+                        "stage": "loader",
+                        "config": f"workers={workers} doc_positions={doc_positions}",
+                        "tokens_per_s": tps,
+                        "tokens": args.batches * args.batch * args.seq,
+                    }
+                )
     model = model_tokens_per_s()
     for r in rows:
         if model and r["stage"] == "loader":
@@ -137,10 +172,14 @@ def main() -> None:
         print(f"{r['stage']:<8} {r['config']:<36} {r['tokens_per_s']:>12,.0f} {ratio:>13}")
     if model:
         print(f"model step reference: {model[0]} at {model[1]:.0f} tokens/s (benchmarks/results/model_throughput.json)")
-    path = write_results("data_throughput", {
-        "args": vars(args), "rows": rows,
-        "model_reference": {"model": model[0], "tokens_per_s": model[1]} if model else None,
-    })
+    path = write_results(
+        "data_throughput",
+        {
+            "args": vars(args),
+            "rows": rows,
+            "model_reference": {"model": model[0], "tokens_per_s": model[1]} if model else None,
+        },
+    )
     print(f"wrote {path}")
 
 

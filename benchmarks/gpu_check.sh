@@ -40,8 +40,8 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi not available" > "$o
 
 status=0
 # GPU tests (must run, not skip) plus the CPU interpreter and dispatch tests.
-RETRO_REQUIRE_GPU=1 timeout 150 python -m pytest tests/test_kernels_gpu.py tests/test_kernels_interpret.py \
-    tests/test_kernels_dispatch.py -v -rs --junitxml="$out/kernels_tests.xml" 2>&1 | tee "$out/kernels_tests.log"
+RETRO_REQUIRE_GPU=1 timeout 150 python -m pytest tests/gpu/test_kernels_gpu.py tests/kernels/test_kernels_interpret.py \
+    tests/kernels/test_kernels_dispatch.py -v -rs --junitxml="$out/kernels_tests.xml" 2>&1 | tee "$out/kernels_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: kernel tests FAILED" >&2; status=1; }
 if grep -q "SKIPPED" "$out/kernels_tests.log"; then
     echo "gpu_check: some kernel tests were SKIPPED (see $out/kernels_tests.log)" >&2

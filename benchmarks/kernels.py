@@ -36,6 +36,7 @@ MODELS = {"tinyllama-1.1b": (2048, 5632), "llama-3.2-1b": (2048, 8192)}
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """Seconds for one call of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
     if device.type == "cuda":
+
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -43,17 +44,20 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1e3
+
         return run
 
     def run_cpu(fn):
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
     return run_cpu
 
 
-def side_by_side(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                 device: torch.device) -> dict[str, float]:
+def side_by_side(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds per function, the functions interleaved within each repeat."""
     clock = timer(device)
     for _ in range(warmup):
@@ -102,6 +106,7 @@ def bench_newton_schulz(device, dtype, scale, repeats, warmup, triton_ok):
         if triton_ok:
             from retro.kernels.dispatch import NS_SCHEDULES
             from retro.kernels.triton_newton_schulz import newton_schulz_triton
+
             fns["triton"] = lambda g=grad: newton_schulz(g, dtype=dtype)  # what Muon calls (auto)
             # The iterations alone under each triangle schedule, on the same normalised wide stack.
             wide = grad.to(dtype)
@@ -112,27 +117,40 @@ def bench_newton_schulz(device, dtype, scale, repeats, warmup, triton_ok):
                 fns[schedule] = lambda x=wide, s=schedule: newton_schulz_triton(x, steps, s)
         t = side_by_side(fns, repeats, warmup, device)
         flops = ns_flops(shape)
-        row = {"kernel": "newton_schulz", "case": name, "shape": list(shape), "flops": flops,
-               "torch_ms": t["torch"] * 1e3, "torch_tflops": flops / t["torch"] / 1e12}
+        row = {
+            "kernel": "newton_schulz",
+            "case": name,
+            "shape": list(shape),
+            "flops": flops,
+            "torch_ms": t["torch"] * 1e3,
+            "torch_tflops": flops / t["torch"] / 1e12,
+        }
         if triton_ok:
             from retro.kernels.triton_newton_schulz import choose_schedule, sm_count
+
             stack = grad.reshape(-1, *shape[-2:])
-            row.update(triton_ms=t["triton"] * 1e3, triton_tflops=flops / t["triton"] / 1e12,
-                       speedup=t["torch"] / t["triton"], direct_ms=t["direct"] * 1e3,
-                       stream_k_ms=t["stream_k"] * 1e3,
-                       auto_schedule=choose_schedule(stack.size(0), min(shape[-2:]), sm_count(grad)))
+            row.update(
+                triton_ms=t["triton"] * 1e3,
+                triton_tflops=flops / t["triton"] / 1e12,
+                speedup=t["torch"] / t["triton"],
+                direct_ms=t["direct"] * 1e3,
+                stream_k_ms=t["stream_k"] * 1e3,
+                auto_schedule=choose_schedule(stack.size(0), min(shape[-2:]), sm_count(grad)),
+            )
         rows.append(row)
     return rows
 
 
 def forced_triton(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` with the Triton backend forced (``auto`` keeps cuBLAS addmm for the adapter)."""
+
     def run():
         dispatch.set_backend("triton")
         try:
             return fn()
         finally:
             dispatch.set_backend("auto")
+
     return run
 
 
@@ -153,6 +171,7 @@ def bench_adapter(device, dtype, scale, repeats, warmup, triton_ok):
             def run():
                 sg, wg, ig = (x.detach().requires_grad_() for x in (s, w, inj))
                 torch.autograd.grad(fn(sg, wg, ig), (sg, wg, ig), g)
+
             return run
 
         both = {"torch": fwd_bwd(adapter_reference)}
@@ -165,47 +184,69 @@ def bench_adapter(device, dtype, scale, repeats, warmup, triton_ok):
         ):
             t = side_by_side(fns, repeats, warmup, device)
             base = t.get("addmm", t["torch"])
-            row = {"kernel": "adapter", "case": f"{mode} T={tokens} h={h}", "flops": flops, "bytes": nbytes,
-                   "torch_ms": t["torch"] * 1e3, "torch_tflops": flops / t["torch"] / 1e12}
+            row = {
+                "kernel": "adapter",
+                "case": f"{mode} T={tokens} h={h}",
+                "flops": flops,
+                "bytes": nbytes,
+                "torch_ms": t["torch"] * 1e3,
+                "torch_tflops": flops / t["torch"] / 1e12,
+            }
             if "addmm" in t:
                 row["addmm_ms"] = t["addmm"] * 1e3
             if triton_ok:
-                row.update(triton_ms=t["triton"] * 1e3, triton_tflops=flops / t["triton"] / 1e12,
-                           triton_gbs=nbytes / t["triton"] / 1e9, speedup=base / t["triton"],
-                           speedup_vs="addmm" if "addmm" in t else "torch")
+                row.update(
+                    triton_ms=t["triton"] * 1e3,
+                    triton_tflops=flops / t["triton"] / 1e12,
+                    triton_gbs=nbytes / t["triton"] / 1e9,
+                    speedup=base / t["triton"],
+                    speedup_vs="addmm" if "addmm" in t else "torch",
+                )
             rows.append(row)
     return rows
 
 
 def machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": str(device)}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         import triton
-        info.update(gpu=torch.cuda.get_device_name(device), triton=triton.__version__,
-                    cuda=torch.version.cuda)
+
+        info.update(gpu=torch.cuda.get_device_name(device), triton=triton.__version__, cuda=torch.version.cuda)
     return info
 
 
 def print_table(rows: list[dict], peaks: dict) -> None:
     nan = float("nan")
-    print(f"measured peaks: GEMM {peaks['gemm_tflops']:.3f} TFLOP/s, copy {peaks['copy_gbs']:.0f} GB/s; "
-          "ratio = torch (addmm for the adapter forward) / triton; %peak of the measured GEMM;\n"
-          "Newton-Schulz: triton = what Muon calls (auto schedule, incl. normalise/transpose); direct and "
-          "stream-K = the 5 iterations alone under each triangle schedule")
-    head = (f"{'kernel':14} {'case':34} {'torch ms':>9} {'addmm ms':>9} {'triton ms':>9} {'ratio':>6} "
-            f"{'torch TF/s':>10} {'triton TF/s':>11} {'%peak':>6} {'triton GB/s':>11} {'%copy':>6} "
-            f"{'direct ms':>9} {'stream-K ms':>11} {'auto':>8}")
+    print(
+        f"measured peaks: GEMM {peaks['gemm_tflops']:.3f} TFLOP/s, copy {peaks['copy_gbs']:.0f} GB/s; "
+        "ratio = torch (addmm for the adapter forward) / triton; %peak of the measured GEMM;\n"
+        "Newton-Schulz: triton = what Muon calls (auto schedule, incl. normalise/transpose); direct and "
+        "stream-K = the 5 iterations alone under each triangle schedule"
+    )
+    head = (
+        f"{'kernel':14} {'case':34} {'torch ms':>9} {'addmm ms':>9} {'triton ms':>9} {'ratio':>6} "
+        f"{'torch TF/s':>10} {'triton TF/s':>11} {'%peak':>6} {'triton GB/s':>11} {'%copy':>6} "
+        f"{'direct ms':>9} {'stream-K ms':>11} {'auto':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         tfl = r.get("triton_tflops", nan)
         gbs = r.get("triton_gbs", nan)
-        print(f"{r['kernel']:14} {r['case']:34} {r['torch_ms']:9.3f} {r.get('addmm_ms', nan):9.3f} "
-              f"{r.get('triton_ms', nan):9.3f} {r.get('speedup', nan):6.2f} {r['torch_tflops']:10.3f} "
-              f"{tfl:11.3f} {100 * tfl / peaks['gemm_tflops']:6.1f} {gbs:11.0f} "
-              f"{100 * gbs / peaks['copy_gbs']:6.1f} {r.get('direct_ms', nan):9.3f} "
-              f"{r.get('stream_k_ms', nan):11.3f} {r.get('auto_schedule', ''):>8}")
+        print(
+            f"{r['kernel']:14} {r['case']:34} {r['torch_ms']:9.3f} {r.get('addmm_ms', nan):9.3f} "
+            f"{r.get('triton_ms', nan):9.3f} {r.get('speedup', nan):6.2f} {r['torch_tflops']:10.3f} "
+            f"{tfl:11.3f} {100 * tfl / peaks['gemm_tflops']:6.1f} {gbs:11.0f} "
+            f"{100 * gbs / peaks['copy_gbs']:6.1f} {r.get('direct_ms', nan):9.3f} "
+            f"{r.get('stream_k_ms', nan):11.3f} {r.get('auto_schedule', ''):>8}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20 GPU, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5 GPU, 1 CPU)")
     parser.add_argument("--scale", type=int, default=None, help="divide every dimension (default 1 GPU, 4 CPU)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/kernels_{gpu,cpu}.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels_{gpu,cpu}.json)"
+    )
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -234,9 +276,17 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, peaks)
     out = args.out or Path(__file__).parent / "results" / f"kernels_{'gpu' if cuda else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(device),
-              "dtype": str(dtype), "scale": scale, "repeats": repeats, "warmup": warmup,
-              "triton": triton_ok, "peaks": peaks, "rows": rows}
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(device),
+        "dtype": str(dtype),
+        "scale": scale,
+        "repeats": repeats,
+        "warmup": warmup,
+        "triton": triton_ok,
+        "peaks": peaks,
+        "rows": rows,
+    }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -23,7 +23,7 @@ import torch
 import retro
 from benchmarks.common import matmul_peak_flops, print_table, time_interleaved, write_results
 from retro.kernels.newton_schulz import newton_schulz, newton_schulz_reference
-from retro.model_config import RetroConfig
+from retro.model.config import RetroConfig
 from retro.optim import build_optimizer, group_parameters
 from retro.optim.exchange import newton_schulz_cost
 
@@ -46,8 +46,10 @@ def torch_muon_pair(model: torch.nn.Module, lr: float, adamw_lr: float) -> list[
     groups = group_parameters(model, split_fused=False)
     matrices = [p for g in groups if g["use_muon"] for p in g["params"]]
     others = [p for g in groups if not g["use_muon"] for p in g["params"]]
-    return [torch.optim.Muon(matrices, lr=lr, weight_decay=1e-4),
-            torch.optim.AdamW(others, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=1e-4)]
+    return [
+        torch.optim.Muon(matrices, lr=lr, weight_decay=1e-4),
+        torch.optim.AdamW(others, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=1e-4),
+    ]
 
 
 def newton_schulz_table(shapes: list[tuple[int, int]], batch: int, repeats: int, device: torch.device) -> list[dict]:
@@ -69,8 +71,14 @@ def newton_schulz_table(shapes: list[tuple[int, int]], batch: int, repeats: int,
         flops = newton_schulz_cost(rows_, cols, 5)
         for name, ts in times.items():
             per_matrix = statistics.median(ts) / (batch if f"x{batch}" in name else 1)
-            rows.append({"shape": f"{rows_}x{cols}", "impl": name, "ms_per_matrix": round(1e3 * per_matrix, 3),
-                         "gflop_per_s": round(flops / per_matrix / 1e9, 1)})
+            rows.append(
+                {
+                    "shape": f"{rows_}x{cols}",
+                    "impl": name,
+                    "ms_per_matrix": round(1e3 * per_matrix, 3),
+                    "gflop_per_s": round(flops / per_matrix / 1e9, 1),
+                }
+            )
     return rows
 
 
@@ -92,10 +100,17 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     h, L = args.hidden, args.layers
     prelude = L // 3
-    config = RetroConfig(vocab_size=args.vocab, hidden_size=h, intermediate_size=args.intermediate,
-                         num_attention_heads=max(1, h // 64), num_key_value_heads=max(1, h // 64),
-                         max_position_embeddings=args.seq, n_prelude=prelude, n_recurrent=L - 2 * prelude,
-                         n_coda=prelude)
+    config = RetroConfig(
+        vocab_size=args.vocab,
+        hidden_size=h,
+        intermediate_size=args.intermediate,
+        num_attention_heads=max(1, h // 64),
+        num_key_value_heads=max(1, h // 64),
+        max_position_embeddings=args.seq,
+        n_prelude=prelude,
+        n_recurrent=L - 2 * prelude,
+        n_coda=prelude,
+    )
     with device:
         model = retro.RetroForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -111,10 +126,10 @@ def main() -> None:
     forward_backward()  # fixed gradients for every optimizer below
     optimizers: dict[str, list[torch.optim.Optimizer]] = {
         "AdamW": [build_optimizer(model, name="adamw")],
-        "Muon (ours, split q/k/v, gate/up)": [build_optimizer(model, muon_lr=1e-6, adamw_lr=1e-9)],
-        "Muon (ours, fused)": [build_optimizer(model, muon_lr=1e-6, adamw_lr=1e-9, split_fused=False)],
+        "Muon (ours, split q/k/v, gate/up)": [build_optimizer(model, muon_lr=1e-6, lr=1e-9)],
+        "Muon (ours, fused)": [build_optimizer(model, muon_lr=1e-6, lr=1e-9, muon_split_fused=False)],
         "Muon (ours, fused, NS in bf16)": [
-            build_optimizer(model, muon_lr=1e-6, adamw_lr=1e-9, split_fused=False, ns_dtype="bfloat16")
+            build_optimizer(model, muon_lr=1e-6, lr=1e-9, muon_split_fused=False, ns_dtype="bfloat16")
         ],
     }
     if not args.no_torch_muon:
@@ -126,6 +141,7 @@ def main() -> None:
                 o.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+
         return run
 
     candidates = {name: stepper(opts) for name, opts in optimizers.items()}
@@ -134,33 +150,52 @@ def main() -> None:
     times = time_interleaved(candidates, args.repeats, warmup=1)
     fb = statistics.median(times["forward+backward"])
     adamw = statistics.median(times["AdamW"])
-    shapes = {"Muon (ours, split q/k/v, gate/up)": muon_matrices(model, True),
-              "Muon (ours, fused)": muon_matrices(model, False),
-              "Muon (ours, fused, NS in bf16)": muon_matrices(model, False),
-              "torch.optim.Muon + AdamW": muon_matrices(model, False)}
+    shapes = {
+        "Muon (ours, split q/k/v, gate/up)": muon_matrices(model, True),
+        "Muon (ours, fused)": muon_matrices(model, False),
+        "Muon (ours, fused, NS in bf16)": muon_matrices(model, False),
+        "torch.optim.Muon + AdamW": muon_matrices(model, False),
+    }
     rows = []
     for name in optimizers:
         med = statistics.median(times[name])
-        row = {"optimizer": name, "step_s": round(med, 4), "vs_adamw": round(med / adamw, 1),
-               "share_of_train_step": round(med / (fb + med), 3)}
+        row = {
+            "optimizer": name,
+            "step_s": round(med, 4),
+            "vs_adamw": round(med / adamw, 1),
+            "share_of_train_step": round(med / (fb + med), 3),
+        }
         if name in shapes:
             row["ns_gflop"] = round(ns_flops(shapes[name]) / 1e9, 2)
             if device.type == "cpu":  # the peak is measured on the CPU
                 row["ns_fraction_of_matmul_peak"] = round(ns_flops(shapes[name]) / med / peak, 3)
         rows.append(row)
-    print(f"model: {n_params / 1e6:.1f}M params, h={h} layers={L} I={args.intermediate} vocab={args.vocab}; "
-          f"train step = forward+backward on {args.batch}x{args.seq} tokens ({fb:.3f} s) + optimizer step; "
-          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; device {device}")
-    print_table(rows, ["optimizer", "step_s", "vs_adamw", "share_of_train_step", "ns_gflop", "ns_fraction_of_matmul_peak"])
+    print(
+        f"model: {n_params / 1e6:.1f}M params, h={h} layers={L} I={args.intermediate} vocab={args.vocab}; "
+        f"train step = forward+backward on {args.batch}x{args.seq} tokens ({fb:.3f} s) + optimizer step; "
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; device {device}"
+    )
+    print_table(
+        rows, ["optimizer", "step_s", "vs_adamw", "share_of_train_step", "ns_gflop", "ns_fraction_of_matmul_peak"]
+    )
 
     unique = sorted(set(shapes["Muon (ours, split q/k/v, gate/up)"]) | set(shapes["Muon (ours, fused)"]))
     ns_rows = newton_schulz_table(unique, args.batch_ns, args.ns_repeats, device)
     print()
     print_table(ns_rows, ["shape", "impl", "ms_per_matrix", "gflop_per_s"])
     stem = args.name or ("muon" if device.type == "cpu" else "muon_cuda")
-    path = write_results(stem, {"args": vars(args), "params": n_params, "matmul_peak_flops": peak,
-                                  "forward_backward_s": fb, "optimizer_rows": rows, "newton_schulz_rows": ns_rows,
-                                  "times": times})
+    path = write_results(
+        stem,
+        {
+            "args": vars(args),
+            "params": n_params,
+            "matmul_peak_flops": peak,
+            "forward_backward_s": fb,
+            "optimizer_rows": rows,
+            "newton_schulz_rows": ns_rows,
+            "times": times,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -25,9 +25,23 @@ CONFIG = Path(__file__).parents[1] / "configs" / "demo.toml"
 
 
 def run(model: str, data: str, out: Path, steps: int, nproc: int, overrides: list[str]) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "retro.train",
-           "--config", str(CONFIG), f"--model.path={model}", f"--data.train={data}", f"--train.out_dir={out}",
-           f"--train.steps={steps}", f"--optim.decay_steps={steps // 5}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "retro.train",
+        "--config",
+        str(CONFIG),
+        f"--model.path={model}",
+        f"--data.train={data}",
+        f"--train.out_dir={out}",
+        f"--train.steps={steps}",
+        f"--optim.decay_steps={steps // 5}",
+        *overrides,
+    ]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -48,11 +62,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(candidates.items()):
             metrics = run(args.model, args.data, Path(tmp) / str(i), args.steps, args.nproc, overrides)
-            tail = metrics[-max(1, len(metrics) // 10):]
+            tail = metrics[-max(1, len(metrics) // 10) :]
             final = metrics[-1]
-            rows.append({"optimizer": name, "steps": len(metrics), "train_loss_last10pct": round(statistics.mean(m["loss"] for m in tail), 4),
-                         **{k: round(v, 4) for k, v in final.items() if k.startswith("val_loss")},
-                         "skipped_steps": sum(m["skipped"] for m in metrics)})
+            rows.append(
+                {
+                    "optimizer": name,
+                    "steps": len(metrics),
+                    "train_loss_last10pct": round(statistics.mean(m["loss"] for m in tail), 4),
+                    **{k: round(v, 4) for k, v in final.items() if k.startswith("val_loss")},
+                    "skipped_steps": sum(m["skipped"] for m in metrics),
+                }
+            )
             print(rows[-1], flush=True)
     columns = list(rows[0])
     print_table(rows, columns)

@@ -36,17 +36,88 @@ NOT_BENCHMARKS = {"__init__", "common", "run", "optimizer_convergence"}
 
 # Small settings: the whole suite in < 10 minutes on 2 CPU cores. "{out}" is the scratch folder.
 CPU_SETTINGS: dict[str, list[str]] = {
-    "model_throughput": ["--hidden", "128", "--layers", "6", "--vocab", "2048", "--batch", "2", "--seq", "128",
-                         "--repeats", "3"],
-    "data_throughput": ["--docs", "1500", "--vocab", "2048", "--seq", "256", "--batch", "4", "--batches", "40",
-                        "--repeats", "2"],
-    "train_throughput": ["--hidden", "128", "--shape", "1,2,1", "--vocab", "2048", "--batch", "2", "--seq", "64",
-                         "--repeats", "2", "--recurrences", "1,8"],
-    "muon": ["--hidden", "128", "--layers", "4", "--intermediate", "344", "--vocab", "2048", "--batch", "2",
-             "--seq", "128", "--repeats", "3", "--ns-repeats", "2", "--no-torch-muon"],
+    "model_throughput": [
+        "--hidden",
+        "128",
+        "--layers",
+        "6",
+        "--vocab",
+        "2048",
+        "--batch",
+        "2",
+        "--seq",
+        "128",
+        "--repeats",
+        "3",
+    ],
+    "data_throughput": [
+        "--docs",
+        "1500",
+        "--vocab",
+        "2048",
+        "--seq",
+        "256",
+        "--batch",
+        "4",
+        "--batches",
+        "40",
+        "--repeats",
+        "2",
+    ],
+    "train_throughput": [
+        "--hidden",
+        "128",
+        "--shape",
+        "1,2,1",
+        "--vocab",
+        "2048",
+        "--batch",
+        "2",
+        "--seq",
+        "64",
+        "--repeats",
+        "2",
+        "--recurrences",
+        "1,8",
+    ],
+    "muon": [
+        "--hidden",
+        "128",
+        "--layers",
+        "4",
+        "--intermediate",
+        "344",
+        "--vocab",
+        "2048",
+        "--batch",
+        "2",
+        "--seq",
+        "128",
+        "--repeats",
+        "3",
+        "--ns-repeats",
+        "2",
+        "--no-torch-muon",
+    ],
     "kernels": ["--repeats", "2", "--scale", "8", "--out", "{out}/kernels.json"],
-    "scaling": ["--hidden", "128", "--shape", "1,2,1", "--vocab", "2048", "--batch", "8", "--seq", "64",
-                "--recurrences", "1,8", "--repeats", "3", "--warmup", "1"],
+    "scaling": [
+        "--hidden",
+        "128",
+        "--shape",
+        "1,2,1",
+        "--vocab",
+        "2048",
+        "--batch",
+        "8",
+        "--seq",
+        "64",
+        "--recurrences",
+        "1,8",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+    ],
 }
 VERSIONED = ("torch", "transformers", "triton", "numpy", "datasets", "torchdata", "safetensors")
 
@@ -69,10 +140,12 @@ def versions() -> dict[str, str | None]:
 
 def git_commit() -> str | None:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
-                               text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -81,6 +154,7 @@ def git_commit() -> str | None:
 def child(name: str, out: str, args: list[str]) -> None:
     """Run benchmarks.<name> as __main__ with its results folder pointed at `out`."""
     import benchmarks.common
+
     benchmarks.common.RESULTS = Path(out)
     sys.argv = [f"benchmarks/{name}.py", *args]
     runpy.run_module(f"benchmarks.{name}", run_name="__main__", alter_sys=True)
@@ -96,7 +170,7 @@ def drop_unknown(args: list[str], stderr: str) -> tuple[list[str], list[str]]:
     while i < len(args):
         if args[i].startswith("--") and args[i] in rejected:
             takes_value = i + 1 < len(args) and not args[i + 1].startswith("--") and args[i + 1] in rejected
-            dropped += args[i:i + 1 + takes_value]
+            dropped += args[i : i + 1 + takes_value]
             i += 1 + takes_value
         else:
             kept.append(args[i])
@@ -123,19 +197,33 @@ def run_one(name: str, out: str, timeout: float) -> dict:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent)
         except subprocess.TimeoutExpired:
-            return {"name": name, "status": "timeout", "args": [a.replace(out, "<scratch>") for a in args], "seconds": timeout,
-                    "note": f"did not finish within {timeout:.0f} s"}
+            return {
+                "name": name,
+                "status": "timeout",
+                "args": [a.replace(out, "<scratch>") for a in args],
+                "seconds": timeout,
+                "note": f"did not finish within {timeout:.0f} s",
+            }
         if proc.returncode == 2 and "unrecognized arguments" in proc.stderr and attempt == 0:
             args, dropped = drop_unknown(args, proc.stderr)
             notes.append(f"it does not accept {' '.join(dropped)}: rerun without")
             continue
         break
     seconds = time.perf_counter() - started
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))
-               if before.get(p) != p.stat().st_mtime_ns}
+    results = {
+        p.stem: json.loads(p.read_text())
+        for p in sorted(Path(out).glob("*.json"))
+        if before.get(p) != p.stat().st_mtime_ns
+    }
     shown = [a.replace(out, "<scratch>") for a in args]
-    record = {"name": name, "args": shown, "seconds": round(seconds, 1), "stdout": proc.stdout[-4000:],
-              "results": results, "note": "; ".join(notes) or None}
+    record = {
+        "name": name,
+        "args": shown,
+        "seconds": round(seconds, 1),
+        "stdout": proc.stdout[-4000:],
+        "results": results,
+        "note": "; ".join(notes) or None,
+    }
     if proc.returncode != 0:
         record.update(status="failed", returncode=proc.returncode, stderr=proc.stderr[-4000:])
     else:
@@ -163,15 +251,24 @@ def fmt(value) -> str:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# Benchmark suite ({report['device']})", "",
-             f"`{report['command']}` — {report['total_seconds']:.0f} s in all, {report['date']}, commit {report['commit']}", "",
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['threads']} torch threads, GPU {m['cuda']}, "
-             f"Python {m['python']}", "",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v), "",
-             "| benchmark | status | seconds | arguments | note |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmark suite ({report['device']})",
+        "",
+        f"`{report['command']}` — {report['total_seconds']:.0f} s in all, {report['date']}, commit {report['commit']}",
+        "",
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['threads']} torch threads, GPU {m['cuda']}, "
+        f"Python {m['python']}",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
+        "",
+        "| benchmark | status | seconds | arguments | note |",
+        "|---|---|---|---|---|",
+    ]
     for b in report["benchmarks"]:
-        lines.append(f"| {b['name']} | {b['status']} | {b.get('seconds', '')} | `{' '.join(b.get('args', [])) or '(defaults)'}` "
-                     f"| {fmt(b.get('note') or '')} |")
+        lines.append(
+            f"| {b['name']} | {b['status']} | {b.get('seconds', '')} | `{' '.join(b.get('args', [])) or '(defaults)'}` "
+            f"| {fmt(b.get('note') or '')} |"
+        )
     for b in report["benchmarks"]:
         if b["status"] != "ok":
             continue
@@ -196,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated benchmark names")
     parser.add_argument("--skip", default="", help="comma-separated benchmark names to leave out")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per benchmark")
-    parser.add_argument("--out", type=Path, default=None, help="report stem (default benchmarks/results/suite_{cpu,gpu})")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="report stem (default benchmarks/results/suite_{cpu,gpu})"
+    )
     parser.add_argument("--list", action="store_true", help="print the benchmarks and their arguments, run nothing")
     args = parser.parse_args(argv)
     names = discover()
@@ -220,13 +319,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[suite] {name} ...", flush=True)
             record = run_one(name, out, args.timeout)
             records.append(record)
-            print(f"[suite] {name}: {record['status']} in {record.get('seconds', 0)} s"
-                  + (f" ({record['note']})" if record.get("note") else ""), flush=True)
+            print(
+                f"[suite] {name}: {record['status']} in {record.get('seconds', 0)} s"
+                + (f" ({record['note']})" if record.get("note") else ""),
+                flush=True,
+            )
             if record["status"] == "failed":
                 print(record["stderr"][-1500:], file=sys.stderr)
-    report = {"command": " ".join(["python -m benchmarks.run", *argv]), "device": device,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "machine": machine_info(),
-              "versions": versions(), "total_seconds": round(time.perf_counter() - started, 1), "benchmarks": records}
+    report = {
+        "command": " ".join(["python -m benchmarks.run", *argv]),
+        "device": device,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": git_commit(),
+        "machine": machine_info(),
+        "versions": versions(),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "benchmarks": records,
+    }
     stem = args.out or RESULTS / f"suite_{device}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -18,19 +18,40 @@ import torch
 
 import retro
 from benchmarks.common import print_table, write_results
-from retro.config import ParallelConfig
-from retro.metrics import FlopModel, peak_flops
-from retro.parallel import parallelize
-
+from retro.distributed.parallelize import ParallelSettings, parallelize
+from retro.model.flops import FlopModel
+from retro.planning.hardware import peak_flops
 
 # Shapes of the paper's models (public HF configs), for GPU runs with random weights.
 PRESETS = {
-    "tinyllama-484": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                          num_key_value_heads=4, n_prelude=4, n_recurrent=8, n_coda=4),
-    "llama32-464": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-                        num_key_value_heads=8, n_prelude=4, n_recurrent=6, n_coda=4,
-                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "tinyllama-484": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        n_prelude=4,
+        n_recurrent=8,
+        n_coda=4,
+    ),
+    "llama32-464": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        n_prelude=4,
+        n_recurrent=6,
+        n_coda=4,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
 }
 
 
@@ -86,15 +107,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--recurrences", default="1,8,16,32")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a real model shape (random weights), e.g. for the GPU target")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a real model shape (random weights), e.g. for the GPU target"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     p, r, c = (int(v) for v in args.shape.split(","))
     h = args.hidden
-    fields = dict(vocab_size=args.vocab, hidden_size=h, intermediate_size=int(h * 8 / 3) // 16 * 16,
-                  num_attention_heads=max(1, h // 64), num_key_value_heads=max(1, h // 64), n_prelude=p, n_recurrent=r, n_coda=c)
+    fields = dict(
+        vocab_size=args.vocab,
+        hidden_size=h,
+        intermediate_size=int(h * 8 / 3) // 16 * 16,
+        num_attention_heads=max(1, h // 64),
+        num_key_value_heads=max(1, h // 64),
+        n_prelude=p,
+        n_recurrent=r,
+        n_coda=c,
+    )
     if args.preset:
         fields = PRESETS[args.preset]
     config = retro.RetroConfig(max_position_embeddings=args.seq, **fields)
@@ -105,21 +138,49 @@ def main() -> None:
     for ac in ("none", "recurrence"):
         torch.manual_seed(0)
         model = retro.RetroForCausalLM(config).to(device=device, dtype=dtype)
-        parallelize(model, None, ParallelConfig(activation_checkpointing=ac, compile=args.compile), dtype)
+        parallelize(model, None, ParallelSettings(activation_checkpointing=ac, compile=args.compile), dtype)
         for total in (int(v) for v in args.recurrences.split(",")):
             k = min(total, 8)
             n = total - k
             seconds, saved, cuda_peak = run_case(model, ids, n, k, args.repeats, device)
             tokens = args.batch * args.seq
-            rows.append({"r": total, "n": n, "k": k, "activation_checkpointing": ac, "median_s": round(seconds, 4),
-                         "tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops.per_token(n, k) * tokens / seconds / peak, 4),
-                         "saved_activation_MiB": round(saved / 2**20, 2),
-                         "cuda_peak_MiB": round(cuda_peak / 2**20, 1) if cuda_peak else None})
+            rows.append(
+                {
+                    "r": total,
+                    "n": n,
+                    "k": k,
+                    "activation_checkpointing": ac,
+                    "median_s": round(seconds, 4),
+                    "tokens_per_s": round(tokens / seconds, 1),
+                    "mfu": round(flops.per_token(n, k) * tokens / seconds / peak, 4),
+                    "saved_activation_MiB": round(saved / 2**20, 2),
+                    "cuda_peak_MiB": round(cuda_peak / 2**20, 1) if cuda_peak else None,
+                }
+            )
             print(rows[-1], flush=True)
-    print(f"\nmodel {args.preset or f'h={h} shape={args.shape}'} vocab={config.vocab_size} tokens={args.batch}x{args.seq} on {device} ({dtype}); "
-          f"peak {peak / 1e9:.1f} GFLOP/s ({'spec sheet' if device.type == 'cuda' else 'measured fp32 matmul'})")
-    print_table(rows, ["r", "n", "k", "activation_checkpointing", "median_s", "tokens_per_s", "mfu", "saved_activation_MiB", "cuda_peak_MiB"])
-    path = write_results("train_throughput" + ("_gpu" if device.type == "cuda" else ""), {"args": vars(args), "peak_flops": peak, "rows": rows})
+    print(
+        f"\nmodel {args.preset or f'h={h} shape={args.shape}'} vocab={config.vocab_size} "
+        f"tokens={args.batch}x{args.seq} on {device} ({dtype}); "
+        f"peak {peak / 1e9:.1f} GFLOP/s ({'spec sheet' if device.type == 'cuda' else 'measured fp32 matmul'})"
+    )
+    print_table(
+        rows,
+        [
+            "r",
+            "n",
+            "k",
+            "activation_checkpointing",
+            "median_s",
+            "tokens_per_s",
+            "mfu",
+            "saved_activation_MiB",
+            "cuda_peak_MiB",
+        ],
+    )
+    path = write_results(
+        "train_throughput" + ("_gpu" if device.type == "cuda" else ""),
+        {"args": vars(args), "peak_flops": peak, "rows": rows},
+    )
     print(f"wrote {path}")
 
 

@@ -21,16 +21,13 @@ from retro.kernels.dispatch import get_backend, use_triton
 
 def _check(state: torch.Tensor, w_state: torch.Tensor, injection: torch.Tensor) -> None:
     if w_state.dim() != 2 or state.size(-1) != w_state.size(1):
-        raise ValueError(
-            f"adapter: state [..., {state.size(-1)}] does not fit w_state {tuple(w_state.shape)}"
-        )
+        raise ValueError(f"adapter: state [..., {state.size(-1)}] does not fit w_state {tuple(w_state.shape)}")
     expected = (*state.shape[:-1], w_state.size(0))
     if tuple(injection.shape) != expected:
         raise ValueError(f"adapter: injection must have shape {expected}, got {tuple(injection.shape)}")
     if not (state.dtype == w_state.dtype == injection.dtype):
         raise TypeError(
-            f"adapter: dtypes differ (state {state.dtype}, w_state {w_state.dtype}, "
-            f"injection {injection.dtype})"
+            f"adapter: dtypes differ (state {state.dtype}, w_state {w_state.dtype}, injection {injection.dtype})"
         )
 
 

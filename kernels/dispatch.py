@@ -1,12 +1,12 @@
 """Backend choice for the fused kernels: Triton on CUDA, the torch reference otherwise.
 
-``RETRO_KERNELS`` (environment) or :func:`set_backend` (config) selects:
+``RETRO_KERNELS`` (environment) or :func:`set_backend` (from code: benchmarks, tests) selects:
 
 * ``auto``   (default) Triton when every tensor is on CUDA and ``triton`` imports, else torch;
 * ``torch``  always the plain-torch reference;
 * ``triton`` always Triton; CPU tensors are allowed only under ``TRITON_INTERPRET=1`` (the tests).
 
-The config setting, when given, wins over the environment.
+A backend set in code wins over the environment.
 
 ``RETRO_NS_SCHEDULE`` (``auto``/``direct``/``stream_k``) picks how the Triton Newton-Schulz kernels
 schedule the symmetric products (see :mod:`retro.kernels.triton_newton_schulz`); ``auto`` decides
@@ -38,13 +38,13 @@ def _check(name: str, source: str) -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Force a backend from config (``auto``/``torch``/``triton``); ``None`` defers to the env."""
+    """Force a backend from code (``auto``/``torch``/``triton``); ``None`` defers to the environment."""
     global _forced
     _forced = None if name is None else _check(name, "kernels backend")
 
 
 def get_backend() -> str:
-    """The backend in force: the config setting if any, else ``$RETRO_KERNELS``, else ``auto``."""
+    """The backend in force: the one set in code if any, else ``$RETRO_KERNELS``, else ``auto``."""
     if _forced is not None:
         return _forced
     return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
@@ -74,8 +74,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         raise RuntimeError(f"{ENV_VAR}=triton but the triton package is not installed")
     if not supported:
         raise TypeError(
-            f"{ENV_VAR}=triton: Triton kernels take {TRITON_DTYPES}, "
-            f"got {sorted({str(t.dtype) for t in tensors})}"
+            f"{ENV_VAR}=triton: Triton kernels take {TRITON_DTYPES}, got {sorted({str(t.dtype) for t in tensors})}"
         )
     if not on_cuda and not interpreting():
         raise RuntimeError(

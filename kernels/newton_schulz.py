@@ -17,14 +17,16 @@ from retro.kernels.dispatch import ns_schedule, use_triton
 MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 
-def _per_step(coefficients, steps: int) -> list[tuple[float, float, float]]:
-    """Accept one (a, b, c) triple for every step, or one triple per step."""
+def per_step_coefficients(coefficients: Sequence, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """Validated, hashable (a, b, c) per step from one triple for every step or one triple per step."""
     if len(coefficients) == 3 and all(isinstance(x, (int, float)) for x in coefficients):
-        return [tuple(coefficients)] * steps  # type: ignore[list-item]
-    coefficients = [tuple(c) for c in coefficients]
-    if len(coefficients) != steps or any(len(c) != 3 for c in coefficients):
-        raise ValueError(f"need one (a, b, c) triple or {steps} of them, got {coefficients}")
-    return coefficients  # type: ignore[return-value]
+        return (tuple(float(x) for x in coefficients),) * steps  # type: ignore[return-value]
+    triples = tuple(tuple(float(x) for x in c) for c in coefficients)
+    if len(triples) != steps or any(len(t) != 3 for t in triples):
+        raise ValueError(
+            f"ns_coefficients must be one (a, b, c) triple or ns_steps={steps} of them, got {coefficients!r}"
+        )
+    return triples  # type: ignore[return-value]
 
 
 def newton_schulz_reference(
@@ -47,7 +49,7 @@ def newton_schulz_reference(
     if tall:
         work = work.mT
     work = work / work.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for a, b, c in _per_step(coefficients, steps):
+    for a, b, c in per_step_coefficients(coefficients, steps):
         gram = work @ work.mT
         poly = b * gram + c * (gram @ gram)
         work = a * work + poly @ work
@@ -83,7 +85,7 @@ def newton_schulz(
     wide_shape = work.shape
     work = work / work.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     stack = work.reshape(-1, *wide_shape[-2:]).contiguous()
-    out = newton_schulz_triton(stack, _per_step(coefficients, steps), ns_schedule()).view(wide_shape)
+    out = newton_schulz_triton(stack, per_step_coefficients(coefficients, steps), ns_schedule()).view(wide_shape)
     if tall:
         out = out.mT
     return out.to(grad.dtype)

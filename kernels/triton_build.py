@@ -25,23 +25,27 @@ def _even_k(args: dict) -> bool:
 
 
 @functools.cache
-def _jit(fn: Callable, interpret: bool, configs: tuple | None, key: tuple[str, ...],
-         reset_to_zero: tuple[str, ...]) -> Any:
+def _jit(
+    fn: Callable, interpret: bool, configs: tuple | None, key: tuple[str, ...], reset_to_zero: tuple[str, ...]
+) -> Any:
     import triton
 
     del interpret  # part of the cache key only: triton.jit reads TRITON_INTERPRET itself
     kernel = triton.jit(fn)
-    if "EVEN_K" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
+    if "EVEN_K" in fn.__code__.co_varnames[: fn.__code__.co_argcount]:
         kernel = triton.heuristics({"EVEN_K": _even_k})(kernel)
     if configs is None:
         return kernel
-    return triton.autotune(configs=[triton.Config(dict(c), num_warps=w, num_stages=s)
-                                    for c, w, s in configs], key=list(key),
-                           reset_to_zero=list(reset_to_zero) or None)(kernel)
+    return triton.autotune(
+        configs=[triton.Config(dict(c), num_warps=w, num_stages=s) for c, w, s in configs],
+        key=list(key),
+        reset_to_zero=list(reset_to_zero) or None,
+    )(kernel)
 
 
-def kernel(fn: Callable, gpu_configs: Sequence[tuple[dict, int, int]], key: Sequence[str],
-           reset_to_zero: Sequence[str] = ()) -> Any:
+def kernel(
+    fn: Callable, gpu_configs: Sequence[tuple[dict, int, int]], key: Sequence[str], reset_to_zero: Sequence[str] = ()
+) -> Any:
     """The Triton kernel for ``fn`` in the current mode.
 
     Compiled mode: autotuned over ``gpu_configs`` (meta-parameters, num_warps, num_stages) keyed by

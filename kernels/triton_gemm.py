@@ -33,12 +33,33 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
 
 
 def _gemm_kernel(
-    a_ptr, b_ptr, d_ptr, c_ptr,
-    M, N, K, alpha,
-    stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
-    stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn,
-    HAS_D: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    d_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    alpha,
+    stride_ab,
+    stride_am,
+    stride_ak,
+    stride_bb,
+    stride_bk,
+    stride_bn,
+    stride_db,
+    stride_dm,
+    stride_dn,
+    stride_cb,
+    stride_cm,
+    stride_cn,
+    HAS_D: tl.constexpr,
+    IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share column-tiles of B while they sit in L2.
     pid = tl.program_id(0)
@@ -74,11 +95,13 @@ def _gemm_kernel(
             acc = tl.dot(a, b, acc)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if HAS_D:
-        d = tl.load(d_ptr + batch * stride_db + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
-                    mask=mask, other=0.0)
+        d = tl.load(d_ptr + batch * stride_db + rm[:, None] * stride_dm + rn[None, :] * stride_dn, mask=mask, other=0.0)
         acc += alpha * d.to(tl.float32)
-    tl.store(c_ptr + batch * stride_cb + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        c_ptr + batch * stride_cb + rm[:, None] * stride_cm + rn[None, :] * stride_cn,
+        acc.to(c_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

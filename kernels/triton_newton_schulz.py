@@ -52,11 +52,33 @@ _DIRECT_TILE = 128  # the tile the wave-fill estimate assumes for the direct sch
 
 
 def _sym_kernel(
-    x_ptr, y_ptr, ws_ptr, out_ptr, batch, m, K, coef_y, coef_prod,
-    stride_xb, stride_xr, stride_xk, stride_yb, stride_yk, stride_yc,
-    stride_wb, stride_wr, stride_wc, stride_ob, stride_or, stride_oc,
-    MODE: tl.constexpr, HAS_Y: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    ws_ptr,
+    out_ptr,
+    batch,
+    m,
+    K,
+    coef_y,
+    coef_prod,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    stride_yb,
+    stride_yk,
+    stride_yc,
+    stride_wb,
+    stride_wr,
+    stride_wc,
+    stride_ob,
+    stride_or,
+    stride_oc,
+    MODE: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out = coef_prod * X @ Y (+ coef_y * Y) for a product known to be symmetric [m, m].
 
@@ -120,17 +142,26 @@ def _sym_kernel(
         else:
             acc = acc * coef_prod
             if HAS_Y:  # the b*A term: A's (r, c) tile, read from Y = A
-                extra = tl.load(y_ptr + b * stride_yb + rows[:, None] * stride_yk + cols[None, :] * stride_yc,
-                                mask=inside, other=0.0)
+                extra = tl.load(
+                    y_ptr + b * stride_yb + rows[:, None] * stride_yk + cols[None, :] * stride_yc,
+                    mask=inside,
+                    other=0.0,
+                )
                 acc += coef_y * extra.to(tl.float32)
             result = acc.to(out_ptr.dtype.element_ty)
             out_b = out_ptr + b * stride_ob
             # Lower elements where they are; strictly-lower ones also mirrored across the diagonal
             # (this fills the upper half of diagonal tiles too, so every pair matches exactly).
-            tl.store(out_b + rows[:, None] * stride_or + cols[None, :] * stride_oc, result,
-                     mask=inside & (rows[:, None] >= cols[None, :]))
-            tl.store(out_b + cols[:, None] * stride_or + rows[None, :] * stride_oc, tl.trans(result),
-                     mask=(cols[:, None] < m) & (rows[None, :] < m) & (rows[None, :] > cols[:, None]))
+            tl.store(
+                out_b + rows[:, None] * stride_or + cols[None, :] * stride_oc,
+                result,
+                mask=inside & (rows[:, None] >= cols[None, :]),
+            )
+            tl.store(
+                out_b + cols[:, None] * stride_or + rows[None, :] * stride_oc,
+                tl.trans(result),
+                mask=(cols[:, None] < m) & (rows[None, :] < m) & (rows[None, :] > cols[:, None]),
+            )
         unit += k_hi - k_lo
 
 
@@ -152,8 +183,17 @@ def choose_schedule(batch: int, m: int, sm_count: int) -> str:
     return "direct" if grid / (waves * sm_count) >= MIN_WAVE_FILL else "stream_k"
 
 
-def _launch_sym(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, K: int, coef_y: float,
-                coef_prod: float, has_y: bool, schedule: str, programs: int | None) -> None:
+def _launch_sym(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor,
+    K: int,
+    coef_y: float,
+    coef_prod: float,
+    has_y: bool,
+    schedule: str,
+    programs: int | None,
+) -> None:
     if schedule not in NS_SCHEDULES:
         raise ValueError(f"schedule {schedule!r} is not one of {NS_SCHEDULES}")
     batch, m = out.size(0), out.size(1)
@@ -169,8 +209,7 @@ def _launch_sym(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, K: int, coe
         if hasattr(fn, "configs"):
             fn[grid](*args, MODE=mode.value, **flags)
         else:
-            fn[grid](*args, MODE=mode.value, **flags,
-                     **(_FINALIZE_INTERPRET if mode == _FINALIZE else _SYM_INTERPRET))
+            fn[grid](*args, MODE=mode.value, **flags, **(_FINALIZE_INTERPRET if mode == _FINALIZE else _SYM_INTERPRET))
 
     def tile_grid(meta: dict) -> tuple[int]:
         tiles = triton.cdiv(m, meta["BLOCK"])
@@ -180,8 +219,13 @@ def _launch_sym(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, K: int, coe
         run(_DIRECT, out, _SYM_GPU_CONFIGS, (), tile_grid)
         return
     ws = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    run(_STREAM_K, ws, _SYM_GPU_CONFIGS, ("ws_ptr",),
-        lambda meta: (min(n_programs, tile_grid(meta)[0] * triton.cdiv(K, meta["BLOCK_K"])),))
+    run(
+        _STREAM_K,
+        ws,
+        _SYM_GPU_CONFIGS,
+        ("ws_ptr",),
+        lambda meta: (min(n_programs, tile_grid(meta)[0] * triton.cdiv(K, meta["BLOCK_K"])),),
+    )
     run(_FINALIZE, ws, _FINALIZE_GPU_CONFIGS, (), tile_grid)
 
 
@@ -195,8 +239,7 @@ def gram(x: torch.Tensor, schedule: str = "auto", programs: int | None = None) -
     return out
 
 
-def gram_poly(a: torch.Tensor, b: float, c: float, schedule: str = "auto",
-              programs: int | None = None) -> torch.Tensor:
+def gram_poly(a: torch.Tensor, b: float, c: float, schedule: str = "auto", programs: int | None = None) -> torch.Tensor:
     """P = b*A + c*A A for a stack of symmetric A [B, m, m]; lower-triangle tiles, mirrored."""
     out = empty(tuple(a.shape), a)
     _launch_sym(a, a, out, a.size(2), b, c, True, schedule, programs)
@@ -208,8 +251,9 @@ def update(p: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
     return gemm(p, x, x, alpha=a)
 
 
-def newton_schulz_triton(x: torch.Tensor, steps: list[tuple[float, float, float]],
-                         schedule: str = "auto") -> torch.Tensor:
+def newton_schulz_triton(
+    x: torch.Tensor, steps: list[tuple[float, float, float]], schedule: str = "auto"
+) -> torch.Tensor:
     """Run the iterations on a normalised, wide (m <= n) stack X [B, m, n]."""
     if x.dim() != 3 or x.size(1) > x.size(2):
         raise ValueError(f"newton_schulz_triton needs a wide stack [B, m<=n, n], got {tuple(x.shape)}")

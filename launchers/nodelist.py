@@ -62,4 +62,4 @@ if __name__ == "__main__":
     try:
         print("\n".join(expand(sys.argv[1])))
     except ValueError as error:
-        raise SystemExit(f"nodelist.py: {error}")
+        raise SystemExit(f"nodelist.py: {error}") from None

@@ -6,8 +6,8 @@ Importing retro registers `RetroConfig` / `RetroForCausalLM` with transformers' 
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from retro.model import RetroForCausalLM, RetroModel
-from retro.model_config import RetroConfig
+from retro.model.config import RetroConfig
+from retro.model.modeling import RetroForCausalLM, RetroModel
 
 AutoConfig.register("retro", RetroConfig, exist_ok=True)
 AutoModelForCausalLM.register(RetroConfig, RetroForCausalLM, exist_ok=True)

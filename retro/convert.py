@@ -14,13 +14,23 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from retro.archs import architecture_for
-from retro.hf_weights import WeightReader, save_sharded
-from retro.model_config import STATE_INITS, RetroConfig
-from retro.surgery import LayerPlan, build_state_dict, plan_from_ranges, plan_from_shape, static_plan
+from retro.hf.archs import architecture_for
+from retro.hf.surgery import LayerPlan, build_state_dict, plan_from_ranges, plan_from_shape, static_plan
+from retro.hf.weights import WeightReader, save_sharded
+from retro.model.adapter import Adapter
+from retro.model.config import STATE_INITS, RetroConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def _check_output_dir(out_dir: Path, force: bool) -> None:
@@ -72,43 +82,63 @@ def convert(
         raise ValueError(f"--state-init must be one of {STATE_INITS}, got {state_init!r}")
     hf_config, arch = _load_source_config(model_dir)
     num_layers = hf_config.num_hidden_layers
-    plan: LayerPlan = static_plan(num_layers) if static else plan_from_ranges(num_layers, layers) if layers else plan_from_shape(num_layers, *shape)
+    plan: LayerPlan = (
+        static_plan(num_layers)
+        if static
+        else plan_from_ranges(num_layers, layers)
+        if layers
+        else plan_from_shape(num_layers, *shape)
+    )
     _check_output_dir(out_dir, force)
     reader = WeightReader(model_dir)
 
     fields = arch.config_fields(hf_config)
     config = RetroConfig(
         **fields,
-        n_prelude=len(plan.prelude), n_recurrent=len(plan.block), n_coda=len(plan.coda),
-        state_init=state_init, default_recurrences=default_recurrences,
+        n_prelude=len(plan.prelude),
+        n_recurrent=len(plan.block),
+        n_coda=len(plan.coda),
+        state_init=state_init,
+        default_recurrences=default_recurrences,
         source_layers={"prelude": plan.prelude, "block": plan.block, "coda": plan.coda},
         tie_word_embeddings=False,
     )
     config.architectures = ["RetroForCausalLM"]
     tensors = build_state_dict(reader.get, arch, fields, plan, bool(getattr(hf_config, "tie_word_embeddings", False)))
     if config.is_recurrent:
-        h = config.hidden_size
-        weight = torch.zeros(h, 2 * h, dtype=torch.float32)
-        if adapter_init == "identity":
-            weight[:, h:] = torch.eye(h)
-        else:
-            bound = 1.0 / (2 * h) ** 0.5
-            weight.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
-        tensors["model.recurrent.adapter.weight"] = weight.to(tensors["model.embed_tokens.weight"].dtype)
+        adapter = Adapter(config.hidden_size)  # [0 | I] on construction
+        if adapter_init == "default":
+            adapter.reset_default(torch.Generator().manual_seed(seed))
+        tensors["model.recurrent.adapter.weight"] = adapter.weight.detach().to(
+            tensors["model.embed_tokens.weight"].dtype
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config.dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     config.save_pretrained(out_dir)
     save_sharded(tensors, out_dir)
-    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file() and shutil.copy2(model_dir / name, out_dir / name)]
+    copied = [
+        name
+        for name in TOKENIZER_FILES
+        if (model_dir / name).is_file() and shutil.copy2(model_dir / name, out_dir / name)
+    ]
 
     zero_rows = (tensors["model.embed_tokens.weight"].abs().sum(dim=1) == 0).nonzero().flatten().tolist()
     source_params = sum(reader.get(n).numel() for n in reader.file_of)
     summary = {
-        "source": str(model_dir), "out": str(out_dir), "model_type": arch.model_type, "source_layers": num_layers,
-        "prelude": plan.prelude, "block": plan.block, "coda": plan.coda, "dropped": plan.dropped(num_layers),
-        "source_parameters": source_params, "parameters": sum(t.numel() for t in tensors.values()),
-        "adapter_init": adapter_init, "state_init": state_init, "tokenizer_files": copied,
+        "source": str(model_dir),
+        "out": str(out_dir),
+        "model_type": arch.model_type,
+        "source_layers": num_layers,
+        "prelude": plan.prelude,
+        "block": plan.block,
+        "coda": plan.coda,
+        "dropped": plan.dropped(num_layers),
+        "source_parameters": source_params,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "adapter_init": adapter_init,
+        "state_init": state_init,
+        "tokenizer_files": copied,
         "zero_embedding_rows": zero_rows,
     }
     (out_dir / "conversion.json").write_text(json.dumps(summary, indent=2))
@@ -118,17 +148,22 @@ def convert(
 def format_summary(s: dict) -> str:
     def rng(layers):
         return f"{layers[0]}..{layers[-1]}" if layers else "-"
+
     lines = [
         f"converted {s['model_type']} ({s['source_layers']} layers) from {s['source']} -> {s['out']}",
-        f"  prelude {rng(s['prelude'])}  block {rng(s['block'])}  coda {rng(s['coda'])}  dropped {s['dropped'] or 'none'}",
-        f"  unique parameters: {s['source_parameters']:,} -> {s['parameters']:,} (head untied, adapter {s['adapter_init']})",
+        f"  prelude {rng(s['prelude'])}  block {rng(s['block'])}  coda {rng(s['coda'])}  dropped "
+        f"{s['dropped'] or 'none'}",
+        f"  unique parameters: {s['source_parameters']:,} -> {s['parameters']:,} (head untied, adapter "
+        f"{s['adapter_init']})",
         f"  tokenizer files copied: {', '.join(s['tokenizer_files']) or 'none'}",
     ]
     if s["zero_embedding_rows"]:
         # A token whose embedding is exactly zero keeps a zero residual stream at the start of a row;
         # every RMSNorm then multiplies its gradient by 1/sqrt(eps), and training steps overflow.
-        lines.append(f"  WARNING: embedding rows {s['zero_embedding_rows'][:10]} are all zeros (e.g. an untrained pad "
-                     "token); keep those tokens out of the training data or give them non-zero embeddings")
+        lines.append(
+            f"  WARNING: embedding rows {s['zero_embedding_rows'][:10]} are all zeros (e.g. an untrained pad "
+            "token); keep those tokens out of the training data or give them non-zero embeddings"
+        )
     return "\n".join(lines)
 
 
@@ -148,9 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = convert(
-            args.model, args.out, shape=parse_shape(args.shape) if args.shape else None, layers=args.layers,
-            static=args.static, adapter_init=args.adapter_init, state_init=args.state_init,
-            default_recurrences=args.default_recurrences, force=args.force, seed=args.seed,
+            args.model,
+            args.out,
+            shape=parse_shape(args.shape) if args.shape else None,
+            layers=args.layers,
+            static=args.static,
+            adapter_init=args.adapter_init,
+            state_init=args.state_init,
+            default_recurrences=args.default_recurrences,
+            force=args.force,
+            seed=args.seed,
         )
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         print(f"retro.convert: error: {error}", file=sys.stderr)

@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from retro.generate import GenerationSettings, generate_text
-from retro.model import RetroForCausalLM
-from retro.model_config import STATE_INITS, RetroConfig
-from retro.tasks import TASKS, Task
+from retro.inference.generate import GenerationSettings, generate_text
+from retro.inference.tasks import TASKS, Task
+from retro.model.config import STATE_INITS, RetroConfig
+from retro.model.modeling import RetroForCausalLM
 
 
 def parse_recurrences(text: str) -> list[int]:
@@ -52,10 +52,14 @@ def load_model(path: str | Path, state_init: str | None, device: str, dtype: tor
     """A retro checkpoint directory; `state_init` overrides the s0 init stored in its config."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path} has no config.json (expected a retro.convert / retro.export output)")
+        raise FileNotFoundError(
+            f"model directory {path} has no config.json (expected a retro.convert / retro.export output)"
+        )
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type != "retro":
-        raise ValueError(f"{path}/config.json has model_type {model_type!r}; convert it first with python -m retro.convert")
+        raise ValueError(
+            f"{path}/config.json has model_type {model_type!r}; convert it first with python -m retro.convert"
+        )
     config = RetroConfig.from_pretrained(path)
     if state_init is not None:
         config.state_init = state_init
@@ -71,8 +75,11 @@ def _load_tokenizer(path: str | Path):
 
 def eval_generation(model, tokenizer, task: Task, r: int, args: argparse.Namespace, label: str) -> dict:
     settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens, num_recurrences=r, share_block_cache=args.share_kv_cache,
-        adaptive_exit=args.adaptive_exit, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        num_recurrences=r,
+        share_block_cache=args.share_kv_cache,
+        adaptive_exit=args.adaptive_exit,
+        seed=args.seed,
     )
     examples = task.examples
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
@@ -82,9 +89,14 @@ def eval_generation(model, tokenizer, task: Task, r: int, args: argparse.Namespa
         idx = order[start : start + args.batch_size]
         completions = generate_text(model, tokenizer, [examples[i].prompt for i in idx], settings, task.stop_strings)
         for i, c in zip(idx, completions):
-            records[i] = {"index": i, "reference": examples[i].reference, "completion": c.text,
-                          "tokens": c.num_tokens, "mean_passes": c.mean_passes,
-                          **task.score(c.text, examples[i].reference)}
+            records[i] = {
+                "index": i,
+                "reference": examples[i].reference,
+                "completion": c.text,
+                "tokens": c.num_tokens,
+                "mean_passes": c.mean_passes,
+                **task.score(c.text, examples[i].reference),
+            }
             passes_sum += c.mean_passes * c.num_tokens
             tokens_sum += c.num_tokens
     metrics = {m: sum(bool(rec[m]) for rec in records) / len(records) for m in task.metrics}
@@ -105,14 +117,23 @@ def eval_loss(model, data: str, r: int, args: argparse.Namespace, label: str) ->
     batches = build_val_batches(data, args.seq_len, args.batch_size, 0, 1, args.limit)
     for batch in tqdm(batches, desc=f"{label} r={r}", unit="batch", leave=False):
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        out = model(ids, shift_labels=labels, num_recurrences=r if model.config.is_recurrent else None,
-                    generator=generator, return_logits=False)
+        out = model(
+            ids,
+            shift_labels=labels,
+            num_recurrences=r if model.config.is_recurrent else None,
+            generator=generator,
+            return_logits=False,
+        )
         n = int((labels != -100).sum())
         total += float(out.loss) * n
         tokens += n
     if tokens == 0:
         raise ValueError(f"no validation tokens in {data}")
-    return {"metrics": {"loss": total / tokens}, "mean_passes": r if model.config.is_recurrent else 0, "tokens": int(tokens)}
+    return {
+        "metrics": {"loss": total / tokens},
+        "mean_passes": r if model.config.is_recurrent else 0,
+        "tokens": int(tokens),
+    }
 
 
 def markdown_table(results: dict) -> str:
@@ -122,9 +143,14 @@ def markdown_table(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model in results["models"]:
         for run in model["runs"]:
-            values = [f"{run['metrics'][m]:.4f}" if results["task"] == "loss" else f"{100 * run['metrics'][m]:.1f}" for m in metrics]
+            values = [
+                f"{run['metrics'][m]:.4f}" if results["task"] == "loss" else f"{100 * run['metrics'][m]:.1f}"
+                for m in metrics
+            ]
             r = "static" if model["static"] else str(run["recurrences"])
-            lines.append(f"| {model['label']} | {r} | {run['mean_passes']:.2f} | " + " | ".join(values) + f" | {run['n']} |")
+            lines.append(
+                f"| {model['label']} | {r} | {run['mean_passes']:.2f} | " + " | ".join(values) + f" | {run['n']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -147,10 +173,16 @@ def run(args: argparse.Namespace) -> dict:
         task = TASKS[args.task](args.data, args.limit, args.fewshot, args.fewshot_data)
         metrics = task.metrics
     dtype = getattr(torch, args.dtype)
-    results = {"task": args.task, "data": str(args.data), "metrics": list(metrics), "models": [],
-               "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out", "argv")},
-               "command": "python -m retro.eval " + " ".join(shlex.quote(a) for a in args.argv),
-               "torch": torch.__version__, "machine": platform.platform()}
+    results = {
+        "task": args.task,
+        "data": str(args.data),
+        "metrics": list(metrics),
+        "models": [],
+        "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out", "argv")},
+        "command": "python -m retro.eval " + " ".join(shlex.quote(a) for a in args.argv),
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+    }
     for path, label in zip(args.model, _labels(args.model)):
         model = load_model(path, args.state_init, args.device, dtype)
         tokenizer = _load_tokenizer(path) if task is not None else None
@@ -163,20 +195,33 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 run_result = eval_generation(model, tokenizer, task, r, args, label)
             n = run_result.get("tokens", len(run_result.get("examples", [])))
-            entry["runs"].append({"recurrences": None if static else r, "n": n,
-                                  "seconds": round(time.perf_counter() - start, 3), **run_result})
+            entry["runs"].append(
+                {
+                    "recurrences": None if static else r,
+                    "n": n,
+                    "seconds": round(time.perf_counter() - start, 3),
+                    **run_result,
+                }
+            )
             shown = ", ".join(f"{m}={v:.4f}" for m, v in run_result["metrics"].items())
-            print(f"{label}  r={'static' if static else r}  mean passes {run_result['mean_passes']:.2f}  {shown}", flush=True)
+            print(
+                f"{label}  r={'static' if static else r}  mean passes {run_result['mean_passes']:.2f}  {shown}",
+                flush=True,
+            )
         results["models"].append(entry)
         del model
     return results
 
 
 def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
-    from retro.plots import plot_results
+    from retro.inference.plots import plot_results
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / f"{results['task']}.png"}
+    paths = {
+        "json": out_dir / "results.json",
+        "markdown": out_dir / "results.md",
+        "plot": out_dir / f"{results['task']}.png",
+    }
     paths["json"].write_text(json.dumps(results, indent=2))
     paths["markdown"].write_text(markdown_table(results))
     plot_results(results, paths["plot"])
@@ -184,18 +229,26 @@ def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m retro.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="retro checkpoint directory (repeat for several models)")
+    p = argparse.ArgumentParser(
+        prog="python -m retro.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", action="append", required=True, help="retro checkpoint directory (repeat for several models)"
+    )
     p.add_argument("--task", required=True, choices=[*TASKS, "loss"])
     p.add_argument("--data", required=True, help="local jsonl (gsm8k, math) or prepared shard directory (loss)")
-    p.add_argument("--recurrences", default="1,2,4,8,16,32", help="comma-separated test recurrences (max r with --adaptive-exit)")
+    p.add_argument(
+        "--recurrences", default="1,2,4,8,16,32", help="comma-separated test recurrences (max r with --adaptive-exit)"
+    )
     p.add_argument("--limit", type=int, default=None, help="first N problems (loss: N batches)")
     p.add_argument("--fewshot", type=int, default=1, help="number of exemplars in the prompt")
     p.add_argument("--fewshot-data", default=None, help="jsonl to draw exemplars from (default: built-in ones)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--adaptive-exit", type=float, default=None, metavar="THRESH", help="per-token KL exit threshold")
-    p.add_argument("--share-kv-cache", action="store_true", help="keep only the last pass's block K/V (r x less memory)")
+    p.add_argument(
+        "--share-kv-cache", action="store_true", help="keep only the last pass's block K/V (r x less memory)"
+    )
     p.add_argument("--state-init", choices=list(STATE_INITS), default=None, help="override the checkpoint's s0 init")
     p.add_argument("--seed", type=int, default=0, help="seed of s0 draws (and sampling)")
     p.add_argument("--seq-len", type=int, default=1024, help="--task loss: tokens per row")

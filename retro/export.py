@@ -12,10 +12,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from retro import checkpoint
 from retro.convert import TOKENIZER_FILES
-from retro.model import RetroForCausalLM
-from retro.model_config import RetroConfig
+from retro.model.config import RetroConfig
+from retro.model.modeling import RetroForCausalLM
+from retro.training import checkpoint
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:

@@ -18,7 +18,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 import retro  # noqa: F401  (registers RetroConfig / RetroForCausalLM with the Auto classes)
-from retro.generate import GenerationSettings, StopStrings, generate
+from retro.inference.generate import GenerationSettings, StopStrings, generate
 
 
 @register_model("retro")
@@ -41,7 +41,9 @@ class RetroLM(HFLM):
             kwargs["state_init"] = state_init  # forwarded to from_pretrained, which overrides the config field
         super().__init__(pretrained=pretrained, **kwargs)
         if self.model.config.model_type != "retro":
-            raise ValueError(f"{pretrained} is a {self.model.config.model_type!r} checkpoint, not a retro one; use --model hf")
+            raise ValueError(
+                f"{pretrained} is a {self.model.config.model_type!r} checkpoint, not a retro one; use --model hf"
+            )
         self.recurrences = int(recurrences)
         self.adaptive_exit = None if adaptive_exit in (None, "None") else float(adaptive_exit)
         self.share_kv_cache = str(share_kv_cache).lower() in ("1", "true")
@@ -51,25 +53,41 @@ class RetroLM(HFLM):
     def _r(self) -> int | None:
         return self.recurrences if self.model.config.is_recurrent else None
 
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _model_call(
+        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         with torch.no_grad():
             return self.model(inps, num_recurrences=self._r(), generator=self._s0_generator).logits
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs
+    ) -> torch.Tensor:
         """Context [B, T] arrives left-padded without a mask: leading pad tokens are the padding."""
         pad = self.tokenizer.pad_token_id
         mask = (context != pad).long().cumsum(-1) > 0 if pad is not None else torch.ones_like(context, dtype=torch.bool)
         temperature = float(generation_kwargs.get("temperature", 0.0) or 0.0)
         do_sample = bool(generation_kwargs.get("do_sample", False)) and temperature > 0
         settings = GenerationSettings(
-            max_new_tokens=max(1, max_length - context.size(1)), num_recurrences=self.recurrences,
-            do_sample=do_sample, temperature=temperature if do_sample else 1.0,
-            top_k=int(generation_kwargs.get("top_k") or 0), top_p=float(generation_kwargs.get("top_p") or 1.0),
-            share_block_cache=self.share_kv_cache, adaptive_exit=self.adaptive_exit, seed=self.seed,
+            max_new_tokens=max(1, max_length - context.size(1)),
+            num_recurrences=self.recurrences,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else 1.0,
+            top_k=int(generation_kwargs.get("top_k") or 0),
+            top_p=float(generation_kwargs.get("top_p") or 1.0),
+            share_block_cache=self.share_kv_cache,
+            adaptive_exit=self.adaptive_exit,
+            seed=self.seed,
         )
         eos = self.tokenizer.eos_token_id
-        out = generate(self.model, context, mask, settings, [eos] if eos is not None else [], pad if pad is not None else 0,
-                       StopStrings(self.tokenizer, stop) if stop else None)
+        out = generate(
+            self.model,
+            context,
+            mask,
+            settings,
+            [eos] if eos is not None else [],
+            pad if pad is not None else 0,
+            StopStrings(self.tokenizer, stop) if stop else None,
+        )
         return torch.cat([context.to(out.tokens.device), out.tokens], dim=1)
 
 

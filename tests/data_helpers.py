@@ -9,9 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-)
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
 
 
 def word_tokenizer(directory: Path, num_words: int, chat: bool = False) -> Path:
@@ -34,12 +32,10 @@ def word_tokenizer(directory: Path, num_words: int, chat: bool = False) -> Path:
     return directory
 
 
-def random_docs(n: int, num_words: int, seed: int = 0, min_len: int = 1, max_len: int = 40,
-                low: int = 0) -> list[str]:
+def random_docs(n: int, num_words: int, seed: int = 0, min_len: int = 1, max_len: int = 40, low: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [
-        " ".join(f"w{rng.randrange(low, num_words)}" for _ in range(rng.randint(min_len, max_len)))
-        for _ in range(n)
+        " ".join(f"w{rng.randrange(low, num_words)}" for _ in range(rng.randint(min_len, max_len))) for _ in range(n)
     ]
 
 

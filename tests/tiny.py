@@ -7,11 +7,27 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, PreTrainedModel
 
-BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+BASE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def make_source(kind: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
@@ -22,6 +38,7 @@ def make_source(kind: str = "llama", seed: int = 0, **overrides) -> PreTrainedMo
         model = Olmo2ForCausalLM(Olmo2Config(**fields))
     elif kind in ("qwen2", "qwen3"):
         from transformers import AutoConfig, AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{"head_dim": 8, **fields}))
     else:
         if kind == "llama-tied":
@@ -31,7 +48,7 @@ def make_source(kind: str = "llama", seed: int = 0, **overrides) -> PreTrainedMo
         model = LlamaForCausalLM(LlamaConfig(**fields))
     # Random norms make a wrong mapping of norm weights visible (they start at 1 otherwise).
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
     return model.eval()

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_helpers import prepare_dir, random_docs, write_jsonl, word_tokenizer
-from retro.convert import convert
+from data_helpers import prepare_dir, random_docs, word_tokenizer, write_jsonl
 from tiny import save_source
+
+from retro.convert import convert
 
 NUM_WORDS = 95  # + [UNK], [EOS] = 97 = the tiny source model's vocabulary
 
@@ -43,17 +44,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(overrides: list[str], nproc: int = 1, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    overrides: list[str], nproc: int = 1, timeout: int = 240, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run retro.train as a single process (nproc=1, no torchrun) or under torchrun with gloo."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     if nproc == 1:
         cmd = [sys.executable, "-m", "retro.train", *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               "-m", "retro.train", *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "retro.train",
+            *overrides,
+        ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
-        raise AssertionError(f"train exited {result.returncode}\nSTDOUT\n{result.stdout[-3000:]}\nSTDERR\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"train exited {result.returncode}\nSTDOUT\n{result.stdout[-3000:]}\nSTDERR\n{result.stderr[-5000:]}"
+        )
     return result
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,21 @@ from retro.data.shards import TokenShards, Verify
 log = logging.getLogger("retro.data.loader")
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class DataSettings:
+    """The run's `[data]` section."""
+
+    train: list[str] = field(default_factory=list)  # prepared shard directories (`retro.data.prepare`)
+    weights: list[float] = field(default_factory=list)  # mixture weights; empty = equal
+    val: str = ""  # shard directory whose "val" split is used; empty = the first train source
+    seq_len: int = 1024
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        if self.seq_len < 1:
+            raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
 
 
 def _positions(starts: np.ndarray, window_start: int, seq_len: int) -> np.ndarray:
@@ -97,7 +113,7 @@ class ShardLoader(StatefulDataLoader):
     """StatefulDataLoader whose state is its sampler's: resumes across a change of num_workers."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved_workers = (state_dict.get("_snapshot", {}).get("_main_snapshot", {}).get("_num_workers", 0))
+        saved_workers = state_dict.get("_snapshot", {}).get("_main_snapshot", {}).get("_num_workers", 0)
         if not state_dict or saved_workers == self.num_workers:
             super().load_state_dict(state_dict)
             return
@@ -140,10 +156,21 @@ def open_sources(sources: Sequence[str | Path], split: str, verify: Verify = "si
     return shards
 
 
-def build_train_loader(sources: Sequence[str | Path], weights: Sequence[float] | None, seq_len: int,
-                       batch_size: int, rank: int, world_size: int, seed: int, num_workers: int = 0,
-                       doc_positions: bool = False, split: str = "train", verify: Verify = "size",
-                       prefetch_factor: int | None = None, pin_memory: bool = False) -> ShardLoader:
+def build_train_loader(
+    sources: Sequence[str | Path],
+    weights: Sequence[float] | None,
+    seq_len: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_workers: int = 0,
+    doc_positions: bool = False,
+    split: str = "train",
+    verify: Verify = "size",
+    prefetch_factor: int | None = None,
+    pin_memory: bool = False,
+) -> ShardLoader:
     """Endless, deterministic, resumable loader of {"input_ids", "labels"[, "position_ids"]} [B, T].
 
     batch_size is per rank. weights=None weighs sources equally. Every rank must pass the same
@@ -158,21 +185,42 @@ def build_train_loader(sources: Sequence[str | Path], weights: Sequence[float] |
     dataset.sampler = sampler
     for name, n, s in zip(names, dataset.num_windows, shards):
         tail = s.num_tokens - 1 - n * seq_len
-        log.info("%s: %d tokens -> %d windows of %d+1 (tail of %d tokens unused); %d windows per rank per epoch",
-                 name, s.num_tokens, n, seq_len, tail, n // world_size)
+        log.info(
+            "%s: %d tokens -> %d windows of %d+1 (tail of %d tokens unused); %d windows per rank per epoch",
+            name,
+            s.num_tokens,
+            n,
+            seq_len,
+            tail,
+            n // world_size,
+        )
     return ShardLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_keep_batch,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None, pin_memory=pin_memory,
-        snapshot_every_n_steps=1, persistent_workers=False,
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_keep_batch,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        pin_memory=pin_memory,
+        snapshot_every_n_steps=1,
+        persistent_workers=False,
     )
 
 
 class ValBatches:
     """Fixed validation batches: windows in file order, rank r takes r, r+W, ...; re-iterable."""
 
-    def __init__(self, source: str | Path, seq_len: int, batch_size: int, rank: int, world_size: int,
-                 max_batches: int | None = None, doc_positions: bool = False, split: str = "val",
-                 verify: Verify = "size") -> None:
+    def __init__(
+        self,
+        source: str | Path,
+        seq_len: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        max_batches: int | None = None,
+        doc_positions: bool = False,
+        split: str = "val",
+        verify: Verify = "size",
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.dataset = PackedWindows(open_sources([source], split, verify), seq_len, doc_positions)
@@ -196,7 +244,14 @@ class ValBatches:
             yield self.dataset.__getitems__([(i * b + j) * w + r for j in range(b)])
 
 
-def build_val_batches(source: str | Path, seq_len: int, batch_size: int, rank: int, world_size: int,
-                      max_batches: int | None = None, **kwargs: Any) -> ValBatches:
+def build_val_batches(
+    source: str | Path,
+    seq_len: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    max_batches: int | None = None,
+    **kwargs: Any,
+) -> ValBatches:
     """Deterministic validation batches over the "val" split, disjoint across ranks, equal count per rank."""
     return ValBatches(source, seq_len, batch_size, rank, world_size, max_batches, **kwargs)

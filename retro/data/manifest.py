@@ -115,7 +115,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
+    def load(cls, directory: str | Path) -> Manifest:
         """Read and validate `DIR/manifest.json` (or a path to the file itself)."""
         path = Path(directory)
         if path.is_dir():
@@ -134,8 +134,17 @@ class Manifest:
             raise ShardFormatError(
                 f"{path}: format_version {raw.get('format_version')!r} is not supported (this reader: {FORMAT_VERSION})"
             )
-        required = ("dtype", "vocab_size", "eos_id", "tokenizer_name", "vocab_hash", "append_eos", "source",
-                    "text_field", "splits")
+        required = (
+            "dtype",
+            "vocab_size",
+            "eos_id",
+            "tokenizer_name",
+            "vocab_hash",
+            "append_eos",
+            "source",
+            "text_field",
+            "splits",
+        )
         missing = [k for k in required if k not in raw]
         if missing:
             raise ShardFormatError(f"{path}: manifest lacks keys {missing}")
@@ -167,13 +176,15 @@ class Manifest:
     def summary(self) -> str:
         lines = [
             f"manifest      {self.path}",
-            f"tokenizer     {self.tokenizer_name} (vocab {self.vocab_size}, hash {self.vocab_hash[:12]}, eos {self.eos_id})",
+            f"tokenizer     {self.tokenizer_name} (vocab {self.vocab_size}, hash {self.vocab_hash[:12]}, eos "
+            f"{self.eos_id})",
             f"dtype         {self.np_dtype.name}   append_eos {self.append_eos}   chat {self.chat}",
             f"source        {self.source} (field {self.text_field!r}), val_fraction {self.val_fraction}",
         ]
         for name, split in self.splits.items():
             lines.append(
-                f"split {name:<7} {split.num_tokens:>14,} tokens {split.num_docs:>11,} docs {len(split.shards):>5} shards"
+                f"split {name:<7} {split.num_tokens:>14,} tokens {split.num_docs:>11,} docs "
+                f"{len(split.shards):>5} shards"
             )
         if self.skipped_empty_docs:
             lines.append(f"skipped       {self.skipped_empty_docs} documents that encoded to no tokens")

@@ -40,8 +40,16 @@ STATE_VERSION = 1
 class MixtureBatchSampler:
     """Yields lists of global window ids (source offset + window index) for one rank, forever."""
 
-    def __init__(self, num_windows: Sequence[int], weights: Sequence[float] | None, batch_size: int,
-                 rank: int, world_size: int, seed: int, names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        num_windows: Sequence[int],
+        weights: Sequence[float] | None,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        names: Sequence[str] | None = None,
+    ) -> None:
         k = len(num_windows)
         if k == 0:
             raise ValueError("no sources given")
@@ -55,7 +63,9 @@ class MixtureBatchSampler:
         self.names = list(names) if names is not None else [f"source{i}" for i in range(k)]
         for name, n in zip(self.names, num_windows):
             if n < world_size:
-                raise ValueError(f"{name}: {n} windows cannot feed {world_size} ranks; use more data or a shorter seq_len")
+                raise ValueError(
+                    f"{name}: {n} windows cannot feed {world_size} ranks; use more data or a shorter seq_len"
+                )
         self.num_windows = [int(n) for n in num_windows]
         self.offsets = np.concatenate([[0], np.cumsum(self.num_windows)]).astype(np.int64)
         self.weights = w / w.sum()
@@ -96,8 +106,15 @@ class MixtureBatchSampler:
             count -= step
             if self.pos[s] == self.per_rank[s]:
                 unused = self.num_windows[s] - self.per_rank[s] * self.world_size
-                log.info("%s: epoch %d done on rank %d (%d windows read; %d windows left for the world-size "
-                         "remainder this epoch)", self.names[s], self.epoch[s], self.rank, self.per_rank[s], unused)
+                log.info(
+                    "%s: epoch %d done on rank %d (%d windows read; %d windows left for the world-size "
+                    "remainder this epoch)",
+                    self.names[s],
+                    self.epoch[s],
+                    self.rank,
+                    self.per_rank[s],
+                    unused,
+                )
                 self.epoch[s] += 1
                 self.pos[s] = 0
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
@@ -123,29 +140,47 @@ class MixtureBatchSampler:
 
     def unused_windows(self) -> dict[str, int]:
         """Windows no rank read in completed epochs (the world-size remainder), per source."""
-        return {name: (n - pr * self.world_size) * e
-                for name, n, pr, e in zip(self.names, self.num_windows, self.per_rank, self.epoch)}
+        return {
+            name: (n - pr * self.world_size) * e
+            for name, n, pr, e in zip(self.names, self.num_windows, self.per_rank, self.epoch)
+        }
 
     # --- Stateful protocol (torchdata) -------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
-        return {"num_windows": self.num_windows, "weights": [float(x) for x in self.weights],
-                "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
-                "seed": self.seed}
+        return {
+            "num_windows": self.num_windows,
+            "weights": [float(x) for x in self.weights],
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seed": self.seed,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "batches": self.batches, "epoch": list(self.epoch),
-                "pos": list(self.pos), "counts": list(self.counts), "config": self._fingerprint()}
+        return {
+            "version": STATE_VERSION,
+            "batches": self.batches,
+            "epoch": list(self.epoch),
+            "pos": list(self.pos),
+            "counts": list(self.counts),
+            "config": self._fingerprint(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r} != {STATE_VERSION}")
         mine, saved = self._fingerprint(), state["config"]
-        diff = {k: (saved.get(k), v) for k, v in mine.items()
-                if (np.round(saved.get(k), 12).tolist() if k == "weights" else saved.get(k)) !=
-                (np.round(v, 12).tolist() if k == "weights" else v)}
+        diff = {
+            k: (saved.get(k), v)
+            for k, v in mine.items()
+            if (np.round(saved.get(k), 12).tolist() if k == "weights" else saved.get(k))
+            != (np.round(v, 12).tolist() if k == "weights" else v)
+        }
         if diff:
-            raise ValueError("data loader state does not match this loader (saved, now): "
-                             + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
+            raise ValueError(
+                "data loader state does not match this loader (saved, now): "
+                + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+            )
         self.batches = int(state["batches"])
         self.epoch = [int(x) for x in state["epoch"]]
         self.pos = [int(x) for x in state["pos"]]
@@ -170,9 +205,10 @@ class Reshard:
     reread: list[int]  # windows some old rank read that the new ranks will read again
 
     def describe(self, names: Sequence[str]) -> str:
-        return "; ".join(f"{name}: epoch {e} continues at global position {start} ({consumed} read before), "
-                         f"{k} windows re-read"
-                         for name, e, consumed, start, k in zip(names, self.epoch, self.consumed, self.start, self.reread))
+        return "; ".join(
+            f"{name}: epoch {e} continues at global position {start} ({consumed} read before), {k} windows re-read"
+            for name, e, consumed, start, k in zip(names, self.epoch, self.consumed, self.start, self.reread)
+        )
 
 
 def _count_below(first: int, stop: int, rank: int, world: int, limit: int) -> int:
@@ -205,19 +241,33 @@ def reshard_states(states: Sequence[dict[str, Any]], new_world_size: int) -> Res
             raise ValueError(f"rank {r}: data loader state version {state.get('version')!r} != {STATE_VERSION}")
         config = state["config"]
         if config["rank"] != r or config["world_size"] != old:
-            raise ValueError(f"rank {r}: state says rank {config['rank']} of {config['world_size']}, expected rank {r} "
-                             f"of {old} (one state per old rank, in rank order)")
+            raise ValueError(
+                f"rank {r}: state says rank {config['rank']} of {config['world_size']}, expected rank {r} "
+                f"of {old} (one state per old rank, in rank order)"
+            )
         for key in ("num_windows", "weights", "batch_size", "seed"):
             if config[key] != first["config"][key]:
-                raise ValueError(f"rank {r}: data loader {key} = {config[key]!r} differs from rank 0's "
-                                 f"{first['config'][key]!r}; the saved states do not belong to one run")
+                raise ValueError(
+                    f"rank {r}: data loader {key} = {config[key]!r} differs from rank 0's "
+                    f"{first['config'][key]!r}; the saved states do not belong to one run"
+                )
         if state["batches"] != first["batches"]:
-            raise ValueError(f"rank {r}: {state['batches']} batches read, rank 0 read {first['batches']}; "
-                             "ranks must be saved at the same step")
+            raise ValueError(
+                f"rank {r}: {state['batches']} batches read, rank 0 read {first['batches']}; "
+                "ranks must be saved at the same step"
+            )
     num_windows = first["config"]["num_windows"]
-    new_states = [{"version": STATE_VERSION, "batches": int(first["batches"]), "epoch": [], "pos": [], "counts": [],
-                   "config": {**first["config"], "rank": r, "world_size": new_world_size}}
-                  for r in range(new_world_size)]
+    new_states = [
+        {
+            "version": STATE_VERSION,
+            "batches": int(first["batches"]),
+            "epoch": [],
+            "pos": [],
+            "counts": [],
+            "config": {**first["config"], "rank": r, "world_size": new_world_size},
+        }
+        for r in range(new_world_size)
+    ]
     epochs, consumed, starts, rereads = [], [], [], []
     for s, n in enumerate(num_windows):
         if n < new_world_size:

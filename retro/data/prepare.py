@@ -89,17 +89,16 @@ def iter_batches(src: Source, args: argparse.Namespace) -> Iterator[tuple[int, l
     if src.builder is None:
         ds = datasets.load_dataset(src.name, args.config, split=args.split, streaming=True)
     elif src.builder == "text":
-        ds = datasets.load_dataset("text", data_files=[src.name], split="train", streaming=True,
-                                   sample_by=args.txt_sample_by)
+        ds = datasets.load_dataset(
+            "text", data_files=[src.name], split="train", streaming=True, sample_by=args.txt_sample_by
+        )
     else:
         ds = datasets.load_dataset(src.builder, data_files=[src.name], split="train", streaming=True)
     row = 0
     try:
         for batch in ds.iter(batch_size=args.batch_docs):
             if args.text_field not in batch:
-                raise KeyError(
-                    f"{src.name}: no field {args.text_field!r} (fields: {sorted(batch)}); pass --text-field"
-                )
+                raise KeyError(f"{src.name}: no field {args.text_field!r} (fields: {sorted(batch)}); pass --text-field")
             values = batch[args.text_field]
             for j, v in enumerate(values):
                 if v is None:
@@ -176,8 +175,16 @@ class SplitWriter:
     def _close(self) -> None:
         self._f.close()
         self._fi.close()
-        self.shards.append(ShardInfo(f"{self._name}.bin", f"{self._name}.idx", self._tokens, self._docs,
-                                     self._h.hexdigest(), self._hi.hexdigest()))
+        self.shards.append(
+            ShardInfo(
+                f"{self._name}.bin",
+                f"{self._name}.idx",
+                self._tokens,
+                self._docs,
+                self._h.hexdigest(),
+                self._hi.hexdigest(),
+            )
+        )
         self._open_new = True
 
     def finish(self) -> SplitInfo:
@@ -186,9 +193,11 @@ class SplitWriter:
         return SplitInfo(self.shards)
 
 
-def _encoded_batches(sources: list[Source], args: argparse.Namespace, tokenizer_name: str
-                     ) -> Iterator[tuple[Source, int, np.ndarray, np.ndarray]]:
+def _encoded_batches(
+    sources: list[Source], args: argparse.Namespace, tokenizer_name: str
+) -> Iterator[tuple[Source, int, np.ndarray, np.ndarray]]:
     """Encode batches in order, with at most 2*K batches in flight (bounded memory on huge inputs)."""
+
     def tasks() -> Iterator[tuple[Source, int, list[Any]]]:
         for src in sources:
             for row, values in iter_batches(src, args):
@@ -201,8 +210,9 @@ def _encoded_batches(sources: list[Source], args: argparse.Namespace, tokenizer_
         return
     # fork (where available) before any dataset reader thread starts: workers inherit the imports
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(args.num_proc, initializer=_init_encoder,
-                  initargs=(tokenizer_name, args.chat, args.add_special_tokens, True)) as pool:
+    with ctx.Pool(
+        args.num_proc, initializer=_init_encoder, initargs=(tokenizer_name, args.chat, args.add_special_tokens, True)
+    ) as pool:
         pending: deque = deque()
         for src, row, values in tasks():
             pending.append((src, row, pool.apply_async(_encode, (values,))))
@@ -272,10 +282,18 @@ def prepare(args: argparse.Namespace) -> Manifest:
     if period and splits["val"].num_docs == 0:
         log.warning("val split is empty: fewer than %d documents (val_fraction %s)", period, args.val_fraction)
     manifest = Manifest(
-        dtype=dtype.str, vocab_size=vocab_size, eos_id=eos_id,
-        tokenizer_name=args.tokenizer, vocab_hash=vocab_hash(tokenizer), append_eos=args.append_eos,
-        source=" ".join(args.input), text_field=args.text_field, splits=splits, chat=args.chat,
-        val_fraction=args.val_fraction, skipped_empty_docs=skipped,
+        dtype=dtype.str,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        tokenizer_name=args.tokenizer,
+        vocab_hash=vocab_hash(tokenizer),
+        append_eos=args.append_eos,
+        source=" ".join(args.input),
+        text_field=args.text_field,
+        splits=splits,
+        chat=args.chat,
+        val_fraction=args.val_fraction,
+        skipped_empty_docs=skipped,
     )
     manifest.save(tmp)
     if out.exists():
@@ -292,26 +310,45 @@ def prepare(args: argparse.Namespace) -> Manifest:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m retro.data.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", nargs="+", required=True,
-                   help="hub dataset name, or local .jsonl/.json/.parquet/.txt files or globs")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="hub dataset name, or local .jsonl/.json/.parquet/.txt files or globs"
+    )
     p.add_argument("--tokenizer", required=True, help="local tokenizer directory or hub name (AutoTokenizer)")
     p.add_argument("--out", required=True, help="output directory (created atomically)")
     p.add_argument("--text-field", default=None, help="field holding the text (default: text; messages with --chat)")
     p.add_argument("--split", default="train", help="split of a hub dataset to read")
     p.add_argument("--config", default=None, help="config (subset) of a hub dataset, e.g. sample-10BT")
-    p.add_argument("--val-fraction", type=float, default=0.001,
-                   help="every round(1/f)-th document goes to the val split (0 disables)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.001,
+        help="every round(1/f)-th document goes to the val split (0 disables)",
+    )
     p.add_argument("--shard-tokens", type=int, default=2**28, help="close a shard after this many tokens")
     p.add_argument("--num-proc", type=int, default=1, help="encoding processes")
     p.add_argument("--batch-docs", type=int, default=1000, help="documents per encoding batch")
-    p.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="append the tokenizer's EOS id after each document")
-    p.add_argument("--add-special-tokens", action="store_true",
-                   help="let the tokenizer add its special tokens (e.g. BOS) to each document")
-    p.add_argument("--chat", action="store_true",
-                   help="render a list of {role, content} messages with the tokenizer's chat template")
-    p.add_argument("--txt-sample-by", choices=("line", "paragraph", "document"), default="line",
-                   help=".txt inputs: what one document is")
+    p.add_argument(
+        "--append-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="append the tokenizer's EOS id after each document",
+    )
+    p.add_argument(
+        "--add-special-tokens",
+        action="store_true",
+        help="let the tokenizer add its special tokens (e.g. BOS) to each document",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="render a list of {role, content} messages with the tokenizer's chat template",
+    )
+    p.add_argument(
+        "--txt-sample-by",
+        choices=("line", "paragraph", "document"),
+        default="line",
+        help=".txt inputs: what one document is",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

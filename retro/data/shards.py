@@ -30,9 +30,7 @@ class TokenShards:
         self.directory = self.manifest.directory
         self.split = split
         if split not in self.manifest.splits:
-            raise ShardFormatError(
-                f"{self.manifest.path}: no split {split!r} (has {sorted(self.manifest.splits)})"
-            )
+            raise ShardFormatError(f"{self.manifest.path}: no split {split!r} (has {sorted(self.manifest.splits)})")
         self.shards = self.manifest.splits[split].shards
         self.dtype = self.manifest.np_dtype
         counts = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
@@ -65,14 +63,18 @@ class TokenShards:
         return self.manifest.vocab_hash
 
     def __repr__(self) -> str:
-        return f"TokenShards({str(self.directory)!r}, split={self.split!r}, tokens={self.num_tokens}, dtype={self.dtype})"
+        return (
+            f"TokenShards({str(self.directory)!r}, split={self.split!r}, tokens={self.num_tokens}, dtype={self.dtype})"
+        )
 
     # --- validation ----------------------------------------------------------------------------
     def verify_sizes(self) -> None:
         """Cheap check (no data read) that catches truncated, missing or swapped files."""
         for s in self.shards:
-            for name, expect in ((s.file, s.num_tokens * self.dtype.itemsize),
-                                 (s.index_file, s.num_docs * DOC_INDEX_DTYPE.itemsize)):
+            for name, expect in (
+                (s.file, s.num_tokens * self.dtype.itemsize),
+                (s.index_file, s.num_docs * DOC_INDEX_DTYPE.itemsize),
+            ):
                 p = self.directory / name
                 if not p.is_file():
                     raise ShardFormatError(f"{p}: file listed in {self.manifest.path} is missing")
@@ -112,7 +114,8 @@ class TokenShards:
         if self._tokens is None:
             self._tokens = [
                 np.memmap(self.directory / s.file, dtype=self.dtype, mode="r", shape=(s.num_tokens,))
-                if s.num_tokens else np.zeros(0, dtype=self.dtype)
+                if s.num_tokens
+                else np.zeros(0, dtype=self.dtype)
                 for s in self.shards
             ]
         return self._tokens
@@ -121,7 +124,8 @@ class TokenShards:
         if self._doc_index is None:
             self._doc_index = [
                 np.memmap(self.directory / s.index_file, dtype=DOC_INDEX_DTYPE, mode="r", shape=(s.num_docs,))
-                if s.num_docs else np.zeros(0, dtype=DOC_INDEX_DTYPE)
+                if s.num_docs
+                else np.zeros(0, dtype=DOC_INDEX_DTYPE)
                 for s in self.shards
             ]
         return self._doc_index
@@ -144,7 +148,7 @@ class TokenShards:
         while done < length:
             local = pos - int(self.shard_starts[i])
             take = min(length - done, self.shards[i].num_tokens - local)
-            out[done:done + take] = maps[i][local:local + take]
+            out[done : done + take] = maps[i][local : local + take]
             done += take
             pos += take
             i += 1
@@ -182,14 +186,17 @@ class TokenShards:
         return max(self.num_tokens - 1, 0) // seq_len
 
 
-def check_tokenizer_matches(data: "TokenShards | Manifest | str | Path", tokenizer: Any) -> None:
+def check_tokenizer_matches(data: TokenShards | Manifest | str | Path, tokenizer: Any) -> None:
     """Fail early if the data were not tokenized with the tokenizer (or for the model) the run names.
 
     `tokenizer`: an int (the model's vocabulary size; data ids must fit), a tokenizer object, or a
     local directory / hub name loaded with AutoTokenizer (vocabulary hashes must be equal).
     """
-    manifest = data.manifest if isinstance(data, TokenShards) else (
-        data if isinstance(data, Manifest) else Manifest.load(data))
+    manifest = (
+        data.manifest
+        if isinstance(data, TokenShards)
+        else (data if isinstance(data, Manifest) else Manifest.load(data))
+    )
     where = manifest.path
     if isinstance(tokenizer, (int, np.integer)):
         if manifest.vocab_size > int(tokenizer):

@@ -15,11 +15,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the pipeline, not the claim")
     p.add_argument("--pretrain-steps", type=int, help="steps of static pretraining")
-    p.add_argument("--retrofit-steps", type=int, help="steps of recurrent post-training (the static run gets equal FLOPs)")
+    p.add_argument(
+        "--retrofit-steps", type=int, help="steps of recurrent post-training (the static run gets equal FLOPs)"
+    )
     p.add_argument("--nproc", type=int, help="ranks per training run (default 2)")
     p.add_argument("--config", help="retro.train TOML for the post-training runs (default configs/demo.toml)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of the in-process stages (pretrain, eval); 1 is fastest on a shared 2-core machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the in-process stages (pretrain, eval); 1 is fastest on a shared 2-core machine",
+    )
     p.add_argument("--seed", type=int, help="seed of the task, pretraining and training")
     return p
 
@@ -32,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     changes = {"retrofit_steps": args.retrofit_steps, "nproc": args.nproc, "config": args.config, "seed": args.seed}
     settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
     if settings.pretrain.steps < 1 or settings.retrofit_steps < 1 or settings.nproc < 1 or args.threads < 1:
-        print("retro.demo: error: --pretrain-steps, --retrofit-steps, --nproc and --threads must be >= 1", file=sys.stderr)
+        print(
+            "retro.demo: error: --pretrain-steps, --retrofit-steps, --nproc and --threads must be >= 1", file=sys.stderr
+        )
         return 2
     import torch
 

@@ -16,8 +16,9 @@ from retro.eval import load_model
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, rows: list[dict], recurrences: list[int | None], seed: int = 0,
-             batch_size: int = 512) -> dict[str, dict[str, float]]:
+def accuracy(
+    model, tokenizer, rows: list[dict], recurrences: list[int | None], seed: int = 0, batch_size: int = 512
+) -> dict[str, dict[str, float]]:
     """{str(r): {str(k): accuracy}} ("static" for r None). Problems of one k have one length."""
     groups: dict[int, list[dict]] = defaultdict(list)
     for row in rows:
@@ -28,7 +29,9 @@ def accuracy(model, tokenizer, rows: list[dict], recurrences: list[int | None], 
         for k in sorted(groups):
             ids = [[tokenizer.eos_token_id, *tokenizer(row["prompt"])["input_ids"]] for row in groups[k]]
             if len({len(x) for x in ids}) != 1:
-                raise ValueError(f"held-out problems with steps={k} have different token lengths; the eval file is inconsistent")
+                raise ValueError(
+                    f"held-out problems with steps={k} have different token lengths; the eval file is inconsistent"
+                )
             answers = torch.tensor([tokenizer.convert_tokens_to_ids(row["answer"]) for row in groups[k]])
             correct = 0
             generator = torch.Generator().manual_seed(seed)
@@ -49,5 +52,10 @@ def evaluate_checkpoint(path: Path, rows: list[dict], recurrences: list[int], se
     tokenizer = AutoTokenizer.from_pretrained(path)
     static = not model.config.is_recurrent
     scores = accuracy(model, tokenizer, rows, [None] if static else list(recurrences), seed)
-    return {"path": str(path), "static": static, "unique_parameters": sum(p.numel() for p in model.parameters()),
-            "accuracy": scores, "mean": {r: sum(v.values()) / len(v) for r, v in scores.items()}}
+    return {
+        "path": str(path),
+        "static": static,
+        "unique_parameters": sum(p.numel() for p in model.parameters()),
+        "accuracy": scores,
+        "mean": {r: sum(v.values()) / len(v) for r, v in scores.items()},
+    }

@@ -43,8 +43,14 @@ class DemoSettings:
 
 def quick_settings(**overrides) -> DemoSettings:
     """A few steps of everything: checks the pipeline end to end, says nothing about accuracy."""
-    small = DemoSettings(max_steps=4, train_per_step=1000, eval_per_step=8, val_fraction=0.1,
-                         pretrain=replace(PretrainSettings(), steps=20, warmup=5), retrofit_steps=6)
+    small = DemoSettings(
+        max_steps=4,
+        train_per_step=1000,
+        eval_per_step=8,
+        val_fraction=0.1,
+        pretrain=replace(PretrainSettings(), steps=20, warmup=5),
+        retrofit_steps=6,
+    )
     return replace(small, **overrides)
 
 
@@ -52,18 +58,29 @@ class TrainingFailed(RuntimeError):
     pass
 
 
-def train_run(name: str, out: Path, model_dir: Path, data_dir: Path, steps: int, settings: DemoSettings,
-              extra: dict[str, object]) -> Path:
+def train_run(
+    name: str, out: Path, model_dir: Path, data_dir: Path, steps: int, settings: DemoSettings, extra: dict[str, object]
+) -> Path:
     """`retro.train` on `nproc` ranks; a progress bar follows its metrics.jsonl. Returns the run dir."""
     run_dir = out / "runs" / name
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    values = {"model.path": model_dir, "data.train": data_dir, "train.out_dir": run_dir, "train.steps": steps,
-              "optim.decay_steps": max(1, steps // 5), "optim.warmup_steps": min(10, max(1, steps // 10)),
-              "train.seed": settings.seed, **extra}
+    values = {
+        "model.path": model_dir,
+        "data.train": data_dir,
+        "train.out_dir": run_dir,
+        "train.steps": steps,
+        "optim.decay_steps": max(1, steps // 5),
+        "optim.warmup_steps": min(10, max(1, steps // 10)),
+        "train.seed": settings.seed,
+        **extra,
+    }
     overrides = [f"--{k}={v}" for k, v in values.items()]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={settings.nproc}"]
-                if settings.nproc > 1 else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={settings.nproc}"]
+        if settings.nproc > 1
+        else [sys.executable]
+    )
     cmd = [*launcher, "-m", "retro.train", "--config", settings.config, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     metrics = run_dir / "metrics.jsonl"
@@ -101,11 +118,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def matched_static_steps(records: list[dict], recurrent_dir: Path, static_dir: Path, seq_len: int,
-                         tokens_per_step: int) -> dict:
+def matched_static_steps(
+    records: list[dict], recurrent_dir: Path, static_dir: Path, seq_len: int, tokens_per_step: int
+) -> dict:
     """Static steps whose training FLOPs equal the recurrent run's, counted pass by pass (FlopModel)."""
-    from retro.metrics import FlopModel
-    from retro.model_config import RetroConfig
+    from retro.model.config import RetroConfig
+    from retro.model.flops import FlopModel
 
     steps = sorted(int(r["step"]) for r in records)
     if steps != list(range(1, len(steps) + 1)):
@@ -115,11 +133,16 @@ def matched_static_steps(records: list[dict], recurrent_dir: Path, static_dir: P
     recurrent_flops = sum(recurrent.per_token(int(r["n"]), int(r["k"])) for r in records) * tokens_per_step
     static_step = static.per_token(0, 1) * tokens_per_step
     n_static = max(1, round(recurrent_flops / static_step))
-    return {"recurrent_flops": recurrent_flops, "static_flops_per_step": static_step, "static_steps": n_static,
-            "static_flops": n_static * static_step, "recurrent_steps": len(steps),
-            "recurrent_mean_r": sum(int(r["r"]) for r in records) / len(records),
-            "recurrent_max_r": max(int(r["r"]) for r in records),
-            "recurrent_final_mean": records[-1]["mean_recurrence"]}
+    return {
+        "recurrent_flops": recurrent_flops,
+        "static_flops_per_step": static_step,
+        "static_steps": n_static,
+        "static_flops": n_static * static_step,
+        "recurrent_steps": len(steps),
+        "recurrent_mean_r": sum(int(r["r"]) for r in records) / len(records),
+        "recurrent_max_r": max(int(r["r"]) for r in records),
+        "recurrent_final_mean": records[-1]["mean_recurrence"],
+    }
 
 
 def eval_counts(rows: list[dict]) -> dict[str, int]:
@@ -161,29 +184,51 @@ def run_demo(out: Path, settings: DemoSettings, say: Callable[[str], None] = pri
     from retro.export import export
 
     if not Path(settings.config).is_file():
-        raise FileNotFoundError(f"training config {settings.config} not found (the demo needs configs/demo.toml from the repository; "
-                                "pass --config PATH)")
+        raise FileNotFoundError(
+            f"training config {settings.config} not found (the demo needs configs/demo.toml from the repository; "
+            "pass --config PATH)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     stages = Stages(8, say)
     p = settings.pretrain
 
     def make_task():
-        perms, train, held_out = build_splits(settings.max_steps, settings.train_per_step, settings.eval_per_step,
-                                              settings.seed, settings.num_ops, settings.held_out_fraction)
+        perms, train, held_out = build_splits(
+            settings.max_steps,
+            settings.train_per_step,
+            settings.eval_per_step,
+            settings.seed,
+            settings.num_ops,
+            settings.held_out_fraction,
+        )
         (out / "task.json").write_text(json.dumps({"permutations": perms}, indent=1))
         write_corpus(train, out / "corpus.jsonl")
         write_eval(held_out, out / "eval.jsonl")
         return len(train), len(held_out), build_tokenizer(out / "tokenizer").convert_tokens_to_ids("=")
 
     n_train, n_eval, answer_after = stages.run(
-        "task", f"compositions of 1..{settings.max_steps} of {settings.num_ops} fixed digit permutations; word-level tokenizer",
-        make_task)
+        "task",
+        f"compositions of 1..{settings.max_steps} of {settings.num_ops} fixed digit permutations; word-level tokenizer",
+        make_task,
+    )
     say(f"      {n_train} training problems, {n_eval} evaluation problems (k >= 2: held-out operation sequences)")
 
     def prepare():
-        code = prepare_main(["--input", str(out / "corpus.jsonl"), "--tokenizer", str(out / "tokenizer"),
-                             "--out", str(out / "data"), "--val-fraction", str(settings.val_fraction), "--overwrite", "--quiet"])
+        code = prepare_main(
+            [
+                "--input",
+                str(out / "corpus.jsonl"),
+                "--tokenizer",
+                str(out / "tokenizer"),
+                "--out",
+                str(out / "data"),
+                "--val-fraction",
+                str(settings.val_fraction),
+                "--overwrite",
+                "--quiet",
+            ]
+        )
         if code != 0:
             raise RuntimeError(f"retro.data.prepare failed with exit code {code}")
 
@@ -202,7 +247,11 @@ def run_demo(out: Path, settings: DemoSettings, say: Callable[[str], None] = pri
             (out / "pretrained" / name).write_bytes((out / "tokenizer" / name).read_bytes())
         return summary
 
-    pre = stages.run("pretrain", f"static Llama, {p.layers} layers x hidden {p.hidden}, {p.steps} steps (AdamW, loss on answers)", run_pretrain)
+    pre = stages.run(
+        "pretrain",
+        f"static Llama, {p.layers} layers x hidden {p.hidden}, {p.steps} steps (AdamW, loss on answers)",
+        run_pretrain,
+    )
     say(f"      final answer loss {pre['final_answer_loss']:.3f}, {pre['parameters']:,} parameters")
 
     def run_convert():
@@ -211,25 +260,40 @@ def run_demo(out: Path, settings: DemoSettings, say: Callable[[str], None] = pri
         return rec, sta
 
     rec_conv, sta_conv = stages.run("convert", f"retro.convert shape {settings.shape} (+ the static copy)", run_convert)
-    say(f"      recurrent: prelude {rec_conv['prelude']} block {rec_conv['block']} coda {rec_conv['coda']} "
-        f"dropped {rec_conv['dropped'] or 'none'}")
+    say(
+        f"      recurrent: prelude {rec_conv['prelude']} block {rec_conv['block']} coda {rec_conv['coda']} "
+        f"dropped {rec_conv['dropped'] or 'none'}"
+    )
 
-    from retro.config import load_config
+    from retro.training.job_config import load_config
 
     cfg = load_config(settings.config)
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    rec_run = stages.run("retrofit", f"retro.train, {settings.nproc} ranks, Muon, 1-sqrt curriculum to mean "
-                         f"{cfg.recurrence.max_mean:g}, {settings.retrofit_steps} steps",
-                         lambda: train_run("recurrent", out, out / "recurrent_init", out / "data", settings.retrofit_steps,
-                                           settings, {}))
-    flops = matched_static_steps(read_metrics(rec_run), out / "recurrent_init", out / "static_init", cfg.data.seq_len,
-                                 tokens_per_step)
-    static_extra = {"recurrence.max_mean": 1, "recurrence.curriculum": "none", "recurrence.backprop_depth": 1,
-                    "train.val_recurrences": "1"}
-    sta_run = stages.run("static", f"retro.train on the static model for the same FLOPs ({flops['recurrent_flops']:.3g}): "
-                         f"{flops['static_steps']} steps",
-                         lambda: train_run("static", out, out / "static_init", out / "data", flops["static_steps"],
-                                           settings, static_extra))
+    rec_run = stages.run(
+        "retrofit",
+        f"retro.train, {settings.nproc} ranks, Muon, 1-sqrt curriculum to mean "
+        f"{cfg.recurrence.max_mean:g}, {settings.retrofit_steps} steps",
+        lambda: train_run(
+            "recurrent", out, out / "recurrent_init", out / "data", settings.retrofit_steps, settings, {}
+        ),
+    )
+    flops = matched_static_steps(
+        read_metrics(rec_run), out / "recurrent_init", out / "static_init", cfg.data.seq_len, tokens_per_step
+    )
+    static_extra = {
+        "recurrence.max_mean": 1,
+        "recurrence.curriculum": "none",
+        "recurrence.backprop_depth": 1,
+        "train.val_recurrences": "1",
+    }
+    sta_run = stages.run(
+        "static",
+        f"retro.train on the static model for the same FLOPs ({flops['recurrent_flops']:.3g}): "
+        f"{flops['static_steps']} steps",
+        lambda: train_run(
+            "static", out, out / "static_init", out / "data", flops["static_steps"], settings, static_extra
+        ),
+    )
 
     def run_export():
         export(rec_run, out / "recurrent", force=True)
@@ -240,15 +304,26 @@ def run_demo(out: Path, settings: DemoSettings, say: Callable[[str], None] = pri
     def run_eval():
         rows = read_eval(out / "eval.jsonl")
         torch.manual_seed(settings.seed)
-        return {name: evaluate_checkpoint(out / directory, rows, list(settings.test_recurrences), settings.seed)
-                for name, directory in (("pretrained", "static_init"), ("static", "static"), ("recurrent", "recurrent"))}
+        return {
+            name: evaluate_checkpoint(out / directory, rows, list(settings.test_recurrences), settings.seed)
+            for name, directory in (("pretrained", "static_init"), ("static", "static"), ("recurrent", "recurrent"))
+        }
 
     evals = stages.run("eval", f"held-out accuracy by k and r in {list(settings.test_recurrences)}", run_eval)
     results = {
-        "command": "python -m retro.demo " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("__main__.py") else None,
-        "settings": asdict(settings), "eval_counts": eval_counts(read_eval(out / "eval.jsonl")), "pretrain": pre, "conversion": rec_conv, "flops": flops,
-        "train_config": cfg.to_dict(), "models": evals, "stage_seconds": stages.seconds,
-        "wall_seconds": round(time.perf_counter() - started, 1), **report.environment(),
+        "command": "python -m retro.demo " + " ".join(sys.argv[1:])
+        if sys.argv and sys.argv[0].endswith("__main__.py")
+        else None,
+        "settings": asdict(settings),
+        "eval_counts": eval_counts(read_eval(out / "eval.jsonl")),
+        "pretrain": pre,
+        "conversion": rec_conv,
+        "flops": flops,
+        "train_config": cfg.to_dict(),
+        "models": evals,
+        "stage_seconds": stages.seconds,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        **report.environment(),
     }
     results["claims"] = report.claims(results)
     paths = report.write(results, out)

@@ -47,10 +47,19 @@ def llama_config(vocab_size: int, eos_id: int, s: PretrainSettings) -> LlamaConf
     """No pad token: HF would give its embedding row padding_idx (zero, never trained). With pad = EOS
     that zero row starts many short-document windows, and after conversion (no padding_idx) the zero
     residual at position 0 blows up through the RMSNorms: infinite gradient norms in retro.train."""
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=s.hidden, intermediate_size=s.intermediate,
-                       num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
-                       max_position_embeddings=256, eos_token_id=eos_id, bos_token_id=eos_id,
-                       pad_token_id=None, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        max_position_embeddings=256,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
 
 
 def lr_at(step: int, s: PretrainSettings) -> float:
@@ -69,8 +78,13 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Ten
     return torch.nn.functional.cross_entropy(logits[mask], labels[mask])
 
 
-def pretrain(data_dir: Path, out_dir: Path, s: PretrainSettings, answer_after: int,
-             progress: Callable[[int, float], None] | None = None) -> dict:
+def pretrain(
+    data_dir: Path,
+    out_dir: Path,
+    s: PretrainSettings,
+    answer_after: int,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict:
     """Train from random init for `s.steps` steps, mostly on the answers (the token after each
     `answer_after` id); save model (safetensors) to out_dir; return a summary."""
     shards = TokenShards(data_dir, split="train")
@@ -79,8 +93,11 @@ def pretrain(data_dir: Path, out_dir: Path, s: PretrainSettings, answer_after: i
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=s.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+    )
     loader = iter(build_train_loader([data_dir], None, s.seq_len, s.batch, 0, 1, s.seed, num_workers=0))
     start, losses = time.perf_counter(), []
     for step in range(s.steps):
@@ -91,7 +108,9 @@ def pretrain(data_dir: Path, out_dir: Path, s: PretrainSettings, answer_after: i
         answers = answer_loss(logits, batch["input_ids"], batch["labels"], answer_after)
         loss = answers
         if s.lm_weight:
-            loss = loss + s.lm_weight * torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+            loss = loss + s.lm_weight * torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), batch["labels"].flatten()
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -102,6 +121,11 @@ def pretrain(data_dir: Path, out_dir: Path, s: PretrainSettings, answer_after: i
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": s.steps, "tokens": s.steps * s.batch * s.seq_len, "final_answer_loss": sum(tail) / len(tail),
-            "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start}
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": s.steps,
+        "tokens": s.steps * s.batch * s.seq_len,
+        "final_answer_loss": sum(tail) / len(tail),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": time.perf_counter() - start,
+    }

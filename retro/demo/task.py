@@ -92,7 +92,9 @@ def solve(prompt: str, perms: dict[str, tuple[int, ...]]) -> str:
     return str(apply(perms, int(words[0]), tuple(words[1:-1])))
 
 
-def _held_out_sequences(ops: tuple[str, ...], k: int, fraction: float, want: int, rng: random.Random) -> set[tuple[str, ...]]:
+def _held_out_sequences(
+    ops: tuple[str, ...], k: int, fraction: float, want: int, rng: random.Random
+) -> set[tuple[str, ...]]:
     """A random `fraction` of the |ops|^k sequences of length k (at least one, at most `want`)."""
     total = len(ops) ** k
     n = min(want, max(1, round(fraction * total)))
@@ -104,8 +106,9 @@ def _held_out_sequences(ops: tuple[str, ...], k: int, fraction: float, want: int
     return chosen
 
 
-def build_splits(max_steps: int, train_per_step: int, eval_per_step: int, seed: int, num_ops: int = 4,
-                 held_out_fraction: float = 0.2) -> tuple[dict[str, tuple[int, ...]], list[Problem], list[Problem]]:
+def build_splits(
+    max_steps: int, train_per_step: int, eval_per_step: int, seed: int, num_ops: int = 4, held_out_fraction: float = 0.2
+) -> tuple[dict[str, tuple[int, ...]], list[Problem], list[Problem]]:
     """(permutations, train, eval). Train: `train_per_step` random problems per k = 1..max_steps, none
     using a held-out sequence. Eval: at k = 1 all 10 x num_ops lookups; at k >= 2 up to `eval_per_step`
     distinct problems whose operation sequence is held out."""

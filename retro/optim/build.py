@@ -9,14 +9,16 @@ modules' class and their ``split_sizes`` attribute.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from retro.kernels.newton_schulz import MUON_COEFFICIENTS
-from retro.optim.muon import Muon
+from retro.optim.muon import NS_DTYPES, SCALE_RULES, Muon
+from retro.training.lr_schedule import KINDS
 
 HEAD_NAME = "lm_head"
 OPTIMIZERS = ("muon", "adamw")
@@ -58,41 +60,67 @@ def group_parameters(model: nn.Module, *, split_fused: bool = True) -> list[dict
     return groups
 
 
-def build_optimizer(
-    model: nn.Module,
-    *,
-    muon_lr: float = 1e-3,
-    muon_weight_decay: float = 1e-4,
-    adamw_lr: float = 5e-5,
-    adamw_betas: tuple[float, float] = (0.9, 0.95),
-    adamw_eps: float = 1e-8,
-    adamw_weight_decay: float = 1e-4,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
-    ns_coefficients: Sequence = MUON_COEFFICIENTS,
-    ns_dtype: str = "auto",
-    scale_rule: str = "original",
-    split_fused: bool = True,
-    name: str = "muon",
-) -> torch.optim.Optimizer:
-    """The trainer's optimizer: ``name="muon"`` -> :class:`Muon` (Muon + AdamW groups);
-    ``name="adamw"`` -> ``torch.optim.AdamW`` over the same groups (matrices first, then the rest),
-    all with ``adamw_lr``, ``adamw_betas``, ``adamw_eps`` and ``adamw_weight_decay``.
+@dataclass
+class OptimSettings:
+    """The run's `[optim]` section: which optimizer, its hyper-parameters and the LR schedule."""
+
+    name: str = field(default="muon", metadata={"choices": OPTIMIZERS})
+    lr: float = 5e-5  # AdamW: embeddings, head, norms (and everything when name = adamw)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    muon_lr: float = 1e-3
+    muon_weight_decay: float = 1e-4
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coefficients: list[float] = field(default_factory=lambda: list(MUON_COEFFICIENTS))  # (a, b, c) every step
+    ns_dtype: str = field(default="auto", metadata={"choices": tuple(NS_DTYPES)})  # auto: bf16 on CUDA
+    muon_scale: str = field(default="original", metadata={"choices": SCALE_RULES})  # original: sqrt(max(1, rows/cols))
+    muon_split_fused: bool = True  # orthogonalise q, k, v (gate, up) separately
+    schedule: str = field(default="wsd", metadata={"choices": KINDS})  # wsd: warmup, constant, cosine decay
+    warmup_steps: int = 125
+    decay_steps: int = 0  # wsd: length of the final cosine decay
+    min_lr_ratio: float = 0.001
+
+    def validate(self) -> None:
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+
+
+def build_optimizer(model: nn.Module, settings: OptimSettings | None = None, **overrides: Any) -> torch.optim.Optimizer:
+    """The trainer's optimizer from `[optim]` settings (fields may be overridden by keyword).
+
+    ``name="muon"`` -> :class:`Muon` (Muon on the matrices, AdamW on the rest); ``name="adamw"`` ->
+    ``torch.optim.AdamW`` over the same groups (matrices first, then the rest) with lr, betas, eps
+    and weight_decay.
     """
-    groups = group_parameters(model, split_fused=split_fused)
-    if name == "muon":
+    s = dataclasses.replace(settings or OptimSettings(), **overrides)
+    groups = group_parameters(model, split_fused=s.muon_split_fused)
+    if s.name == "muon":
         return Muon(
-            groups, lr=muon_lr, weight_decay=muon_weight_decay, momentum=momentum,
-            nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-            ns_dtype=ns_dtype, scale_rule=scale_rule, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
+            groups,
+            lr=s.muon_lr,
+            weight_decay=s.muon_weight_decay,
+            momentum=s.momentum,
+            nesterov=s.nesterov,
+            ns_steps=s.ns_steps,
+            ns_coefficients=s.ns_coefficients,
+            ns_dtype=s.ns_dtype,
+            scale_rule=s.muon_scale,
+            adamw_lr=s.lr,
+            adamw_betas=tuple(s.betas),
+            adamw_eps=s.eps,
+            adamw_weight_decay=s.weight_decay,
         )
-    if name == "adamw":
+    if s.name == "adamw":
         matrices = [p for g in groups if g["use_muon"] for p in g["params"]]
         others = [p for g in groups if not g["use_muon"] for p in g["params"]]
         return torch.optim.AdamW(
             [{"params": ps} for ps in (matrices, others) if ps],
-            lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
+            lr=s.lr,
+            betas=tuple(s.betas),
+            eps=s.eps,
+            weight_decay=s.weight_decay,
         )
-    raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}")
+    raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {s.name!r}")

@@ -86,12 +86,9 @@ class RowExchange:
         for b, owner in enumerate(owners):
             self.owned_by[owner].append(b)
         # piece[b][r]: global rows of block b that rank r holds (empty ranges allowed).
-        self.shard = {
-            i: [shard_rows(n, world_size, r) for r in range(world_size)] for i, n in param_rows.items()
-        }
+        self.shard = {i: [shard_rows(n, world_size, r) for r in range(world_size)] for i, n in param_rows.items()}
         self.piece = [
-            [self._intersect(blk, self.shard[blk.param][r]) for r in range(world_size)]
-            for blk in self.blocks
+            [self._intersect(blk, self.shard[blk.param][r]) for r in range(world_size)] for blk in self.blocks
         ]
         me = rank
         # Forward: I send my rows of every block owned by d; I receive every rank's rows of mine.
@@ -113,9 +110,7 @@ class RowExchange:
         offset = self.shard[self.blocks[b].param][self.rank][0]
         return lo - offset, hi - offset
 
-    def _all_to_all(
-        self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group
-    ) -> torch.Tensor:
+    def _all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group) -> torch.Tensor:
         if self.world_size == 1:
             return send
         recv = send.new_empty(sum(recv_sizes))

@@ -25,14 +25,25 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.adamw import adamw
 
-from retro.kernels.newton_schulz import MUON_COEFFICIENTS, newton_schulz
+from retro.kernels.newton_schulz import MUON_COEFFICIENTS, newton_schulz, per_step_coefficients
 from retro.optim.exchange import Block, RowExchange, assign_owners, newton_schulz_cost
 
 SCALE_RULES = ("original", "match_rms_adamw")
 NS_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 MUON_KEYS = {
-    "params", "use_muon", "lr", "weight_decay", "momentum", "nesterov", "ns_steps",
-    "ns_coefficients", "ns_eps", "ns_dtype", "scale_rule", "split_sizes", "initial_lr",
+    "params",
+    "use_muon",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "nesterov",
+    "ns_steps",
+    "ns_coefficients",
+    "ns_eps",
+    "ns_dtype",
+    "scale_rule",
+    "split_sizes",
+    "initial_lr",
 }
 # initial_lr: written by torch.optim.lr_scheduler into the groups it drives.
 ADAMW_KEYS = {"params", "use_muon", "lr", "betas", "eps", "weight_decay", "initial_lr"}
@@ -49,19 +60,6 @@ def update_scale(rows: int, cols: int, rule: str) -> float:
     if rule == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
     raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {rule!r}")
-
-
-def _coefficients_key(coefficients: Sequence, steps: int) -> tuple:
-    """Validated, hashable form of one (a, b, c) triple or one triple per Newton-Schulz step."""
-    if len(coefficients) == 3 and all(isinstance(x, (int, float)) for x in coefficients):
-        return tuple(float(x) for x in coefficients)
-    triples = tuple(tuple(float(x) for x in c) for c in coefficients)
-    if len(triples) != steps or any(len(t) != 3 for t in triples):
-        raise ValueError(
-            f"ns_coefficients must be one (a, b, c) triple or ns_steps={steps} of them, "
-            f"got {coefficients!r}"
-        )
-    return triples
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -114,9 +112,16 @@ class Muon(torch.optim.Optimizer):
         adamw_weight_decay: float = 1e-4,
     ) -> None:
         self._muon_defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_eps=ns_eps, ns_dtype=ns_dtype,
-            scale_rule=scale_rule, split_sizes=None,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients,
+            ns_eps=ns_eps,
+            ns_dtype=ns_dtype,
+            scale_rule=scale_rule,
+            split_sizes=None,
         )
         self._adamw_defaults = dict(
             lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=adamw_weight_decay
@@ -147,7 +152,7 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {group['scale_rule']!r}")
         if group["ns_dtype"] not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be one of {sorted(NS_DTYPES)}, got {group['ns_dtype']!r}")
-        _coefficients_key(group["ns_coefficients"], group["ns_steps"])
+        per_step_coefficients(group["ns_coefficients"], group["ns_steps"])
         split = group["split_sizes"]
         for p in group["params"]:
             if p.dim() != 2:
@@ -213,9 +218,19 @@ class Muon(torch.optim.Optimizer):
             return
         beta1, beta2 = group["betas"]
         adamw(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
         )
 
     def _orthogonalise_and_apply(self, work: list[tuple[torch.Tensor, dict, torch.Tensor]]) -> None:
@@ -292,8 +307,15 @@ class Muon(torch.optim.Optimizer):
         for b, m in full.items():
             g = group_of[b]
             shape = (min(m.shape), max(m.shape))
-            key = (shape, g["ns_steps"], _coefficients_key(g["ns_coefficients"], g["ns_steps"]),
-                   g["ns_eps"], g["ns_dtype"], m.dtype, m.device)
+            key = (
+                shape,
+                g["ns_steps"],
+                per_step_coefficients(g["ns_coefficients"], g["ns_steps"]),
+                g["ns_eps"],
+                g["ns_dtype"],
+                m.dtype,
+                m.device,
+            )
             batches[key].append(b)
         results = {}
         for key, ids in batches.items():

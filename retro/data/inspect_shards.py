@@ -1,0 +1,57 @@
+"""Look inside a prepared directory: `python -m retro.data.inspect_shards DIR [--samples N] [--verify]`.
+
+Prints the manifest summary and decodes the first documents of each split with the tokenizer
+the manifest names, so a human can see that the bytes mean what they should.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from retro.data.manifest import ShardFormatError
+from retro.data.shards import TokenShards
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m retro.data.inspect_shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", help="directory written by retro.data.prepare")
+    p.add_argument("--samples", type=int, default=3, help="documents to decode per split")
+    p.add_argument("--max-chars", type=int, default=300, help="truncate decoded text to this length")
+    p.add_argument("--verify", action="store_true", help="also check SHA-256 checksums and the id range")
+    p.add_argument("--no-decode", action="store_true", help="print ids only (no tokenizer needed)")
+    args = p.parse_args(argv)
+    try:
+        splits = {}
+        for name in ("train", "val"):
+            s = TokenShards(args.dir, split=name, verify="full" if args.verify else "size")
+            splits[name] = s
+    except ShardFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    manifest = splits["train"].manifest
+    print(manifest.summary())
+    if args.verify:
+        print("verify        checksums and id range OK")
+    tokenizer = None
+    if not args.no_decode:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(manifest.tokenizer_name)
+        except (OSError, ValueError) as e:
+            print(f"(cannot load tokenizer {manifest.tokenizer_name!r} to decode: {e})")
+    for name, s in splits.items():
+        for k in range(min(args.samples, s.num_docs)):
+            ids = s.document(k)
+            head = f"[{name} doc {k}: {len(ids)} tokens]"
+            if tokenizer is None:
+                print(head, ids[:32].tolist(), "..." if len(ids) > 32 else "")
+            else:
+                text = tokenizer.decode(ids.tolist())
+                print(head, repr(text[: args.max_chars]) + ("..." if len(text) > args.max_chars else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hugging Face side: source architectures, layer surgery, safetensors weights."""

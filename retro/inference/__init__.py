@@ -1,0 +1,1 @@
+"""Inference: KV-cached generation across recurrences, evaluation tasks and scorers, plots."""

@@ -1,0 +1,336 @@
+"""Batched decoding for `RetroForCausalLM`: a KV cache across recurrences, left padding, stop strings,
+greedy or sampled tokens, and an optional per-token adaptive exit.
+
+The cache keeps one preallocated K/V buffer per (stage, pass, layer): pass p of the recurrent block
+attends to the K/V that the same pass produced for earlier tokens, which is what an uncached
+recomputation at a fixed r sees. `share_block_cache=True` keeps one buffer per block layer instead
+(r times less block memory): earlier tokens then expose only their last pass's K/V to every pass.
+
+Adaptive exit (decode steps only; the prompt runs r_max passes): after each pass the coda, final
+norm and head give a next-token distribution; a token stops iterating when KL(previous || current)
+falls below the threshold (or at r_max). Its state is frozen from then on, and the block K/V slots
+of the passes it skipped receive a copy of its exit pass's K/V (as the Huginn paper's KV sharing
+does), so later tokens attending through those passes see the exit state. In a batch, rows that
+have exited still ride along in the block's matmuls until every row has exited; their results are
+discarded, so batched and one-by-one decoding agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from retro.model.modeling import RetroForCausalLM, attention_mask_4d
+from retro.model.rope import rope_cos_sin
+
+
+class _Slot:
+    """One layer's K/V buffers [B, H_kv, max_len, D]; `update` writes at the cache's past length."""
+
+    __slots__ = ("cache", "k", "v")
+
+    def __init__(self, cache: StaticKVCache, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.cache = cache
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.cache.past_length
+        end = start + key.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache overflow: {end} positions needed, cache holds {self.k.size(2)}")
+        self.k[:, :, start:end] = key
+        self.v[:, :, start:end] = value
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class StaticKVCache:
+    """Preallocated K/V for every (stage, pass, layer) of a retro model (see `retro.model.KVCache`).
+
+    `past_length` counts the positions already written; call `advance(T)` once after each forward.
+    """
+
+    def __init__(
+        self,
+        model: RetroForCausalLM,
+        batch_size: int,
+        max_length: int,
+        num_passes: int,
+        share_block_cache: bool = False,
+    ) -> None:
+        config = model.config
+        param = model.lm_head.weight
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.past_length = 0
+        self.max_length = max_length
+        self.num_passes = num_passes if config.is_recurrent else 0
+        self.share_block_cache = share_block_cache
+
+        def new() -> _Slot:
+            return _Slot(self, shape, param.dtype, param.device)
+
+        self._slots: dict[tuple, _Slot] = {("prelude", i): new() for i in range(config.n_prelude)}
+        self._slots.update({("coda", i): new() for i in range(config.n_coda)})
+        shared = [new() for _ in range(config.n_recurrent)] if share_block_cache else None
+        for p in range(self.num_passes):
+            for i in range(config.n_recurrent):
+                self._slots[("block", p, i)] = shared[i] if shared is not None else new()
+        self.n_recurrent = config.n_recurrent
+
+    def slot(self, key: tuple) -> _Slot:
+        try:
+            return self._slots[key]
+        except KeyError:
+            raise KeyError(f"KV cache has no slot {key!r} (built for {self.num_passes} recurrent passes)") from None
+
+    def advance(self, num_tokens: int) -> None:
+        self.past_length += num_tokens
+
+    def num_bytes(self) -> int:
+        """Memory held by distinct K/V buffers."""
+        unique = {id(s): s for s in self._slots.values()}.values()
+        return sum(s.k.numel() * s.k.element_size() * 2 for s in unique)
+
+    def copy_pass(self, src: int, dst: int, rows: torch.Tensor | None, num_tokens: int) -> None:
+        """Copy pass `src`'s K/V of the newest `num_tokens` positions into pass `dst` (rows: bool [B] or all)."""
+        if self.share_block_cache or src == dst:
+            return
+        start, end = self.past_length, self.past_length + num_tokens
+        for i in range(self.n_recurrent):
+            a, b = self._slots[("block", src, i)], self._slots[("block", dst, i)]
+            for x, y in ((a.k, b.k), (a.v, b.v)):
+                if rows is None:
+                    y[:, :, start:end] = x[:, :, start:end]
+                else:
+                    keep = rows[:, None, None, None]
+                    y[:, :, start:end] = torch.where(keep, x[:, :, start:end], y[:, :, start:end])
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode. `num_recurrences` is r (the maximum r when `adaptive_exit` is set)."""
+
+    max_new_tokens: int = 256
+    num_recurrences: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    share_block_cache: bool = False
+    adaptive_exit: float | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_recurrences < 1:
+            raise ValueError(f"num_recurrences must be >= 1, got {self.num_recurrences}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.adaptive_exit is not None and self.adaptive_exit < 0:
+            raise ValueError(f"adaptive_exit threshold must be >= 0, got {self.adaptive_exit}")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # [B, N] generated ids; positions after a row finished hold pad_token_id
+    num_generated: list[int]  # per row, tokens up to and including the stop token
+    passes: torch.Tensor  # [B, N] recurrent passes used for each generated token (0 for a static model)
+
+    def mean_passes(self) -> float:
+        """Mean passes over the tokens that were really generated (the passes that produced them)."""
+        used = [self.passes[b, :n].float() for b, n in enumerate(self.num_generated) if n > 0]
+        return float(torch.cat(used).mean()) if used else 0.0
+
+
+class StopStrings:
+    """True when a row's generated text contains one of `strings` (decodes only a short tail)."""
+
+    def __init__(self, tokenizer, strings: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.strings = [s for s in strings if s]
+        self.window = max((len(s) for s in self.strings), default=0) + 4
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if not self.strings:
+            return False
+        tail = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=False)
+        return any(s in tail for s in self.strings)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: the first real token sits at position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _next_token(logits: torch.Tensor, s: GenerationSettings, generator: torch.Generator) -> torch.Tensor:
+    """[B, V] logits -> [B] ids: argmax, or a sample after temperature / top-k / top-p."""
+    if not s.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = logits.topk(min(s.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _fixed_step(model, ids, mask, pos, cache, r, generator) -> torch.Tensor:
+    hidden = model.model(ids, mask, pos, r if model.config.is_recurrent else None, cache, None, generator)
+    return model.lm_head(hidden[:, -1])
+
+
+def _adaptive_step(model, ids, mask, pos, cache: StaticKVCache, r_max: int, threshold: float, generator):
+    """One decode step with a per-row exit; returns last-position logits [B, V] and passes used [B]."""
+    m = model.model
+    x = m.embed_tokens(ids)
+    rope = rope_cos_sin(m.inv_freq, pos, x.dtype)
+    mask4 = attention_mask_4d(mask, ids.size(1), cache.past_length, x.device)
+    for i, layer in enumerate(m.prelude):
+        x = layer(x, rope, mask4, cache.slot(("prelude", i)))
+    core = m.recurrent  # called pass by pass (outside its forward): single-device eval, not FSDP-sharded
+    injection = core.adapter.injection(x)
+    state = m.initial_state(x, generator)
+    batch = ids.size(0)
+    exited = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    passes = torch.full((batch,), r_max, dtype=torch.long, device=ids.device)
+    prev_logp = logits = None
+    for p in range(r_max):
+        new_state = core.recurrence_pass(state, injection, rope, mask4, cache, p)
+        if p > 0:
+            new_state = torch.where(exited[:, None, None], state, new_state)
+            cache.copy_pass(p - 1, p, exited, ids.size(1))
+        state = new_state
+        y = state
+        for i, layer in enumerate(m.coda):
+            y = layer(y, rope, mask4, cache.slot(("coda", i)))
+        logits = model.lm_head(m.norm(y[:, -1]))
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if prev_logp is not None:
+            kl = (prev_logp.exp() * (prev_logp - logp)).sum(-1).clamp_min(0)
+            newly = ~exited & (kl < threshold)
+            passes = torch.where(newly, p + 1, passes)
+            exited |= newly
+            if bool(exited.all()):
+                for rest in range(p + 1, r_max):
+                    cache.copy_pass(p, rest, None, ids.size(1))
+                break
+        prev_logp = logp
+    return logits, passes
+
+
+@torch.no_grad()
+def generate(
+    model: RetroForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: GenerationSettings,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    stop: Callable[[list[int]], bool] | None = None,
+) -> GenerationOutput:
+    """Decode up to `max_new_tokens` for a left-padded batch [B, T]; a row stops at EOS or `stop`."""
+    settings.validate()
+    if settings.adaptive_exit is not None and not model.config.is_recurrent:
+        raise ValueError("adaptive exit needs a recurrent model; this checkpoint is static (n_recurrent = 0)")
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device)
+    batch, prompt_len = input_ids.shape
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+    r = settings.num_recurrences
+    cache = StaticKVCache(model, batch, prompt_len + settings.max_new_tokens, r, settings.share_block_cache)
+    generator = torch.Generator(device).manual_seed(settings.seed)
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    passes_default = r if model.config.is_recurrent else 0
+
+    pos = positions_from_mask(mask)
+    logits = _fixed_step(model, input_ids, mask, pos, cache, r, generator)
+    cache.advance(prompt_len)
+    passes = torch.full((batch,), passes_default, dtype=torch.long, device=device)
+    tokens, used = [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    num_generated = [0] * batch
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    for step in range(settings.max_new_tokens):
+        token = _next_token(logits, settings, generator)
+        token = torch.where(finished, pad_token_id, token)
+        tokens.append(token)
+        used.append(torch.where(finished, 0, passes))
+        done_now = ~finished & torch.isin(token, eos)
+        if stop is not None:
+            for b, t in enumerate(token.tolist()):
+                if not finished[b]:
+                    rows[b].append(t)
+                    done_now[b] |= stop(rows[b])
+        for b in (~finished).nonzero().flatten().tolist():
+            num_generated[b] = step + 1
+        finished |= done_now
+        if bool(finished.all()) or step + 1 == settings.max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        pos = pos[:, -1:] + 1
+        if settings.adaptive_exit is None:
+            logits = _fixed_step(model, token[:, None], mask, pos, cache, r, generator)
+        else:
+            logits, passes = _adaptive_step(
+                model, token[:, None], mask, pos, cache, r, settings.adaptive_exit, generator
+            )
+        cache.advance(1)
+    return GenerationOutput(torch.stack(tokens, 1), num_generated, torch.stack(used, 1))
+
+
+@dataclass
+class Completion:
+    text: str
+    num_tokens: int
+    mean_passes: float
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """Cut the text at the first occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def generate_text(
+    model: RetroForCausalLM,
+    tokenizer,
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    stop_strings: Sequence[str] = (),
+) -> list[Completion]:
+    """Tokenize with left padding, decode, and return completions cut at the first stop string."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    out = generate(
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        settings,
+        eos_ids,
+        pad,
+        StopStrings(tokenizer, stop_strings) if stop_strings else None,
+    )
+    completions = []
+    for b, n in enumerate(out.num_generated):
+        ids = out.tokens[b, :n].tolist()
+        text = truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
+        completions.append(Completion(text, n, float(out.passes[b, :n].float().mean()) if n else 0.0))
+    return completions

@@ -1,0 +1,181 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) that are only trusted once complete.
+
+Layout: OUT/checkpoints/step_00000100/ holds the DCP files of model + optimizer (every rank writes
+its shards), `rank_<r>.pt` with that rank's scheduler, data-loader and RNG state, and `COMPLETE`,
+written by rank 0 only after every rank has finished. A crash mid-save leaves a directory without
+`COMPLETE`, which resume ignores, so the previous checkpoint stays usable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from retro.data.loader import sampler_state_of
+from retro.data.mixture import reshard_states
+
+MARKER = "COMPLETE"
+
+
+@dataclass
+class CheckpointSettings:
+    """The run's `[checkpoint]` section."""
+
+    every: int = 0  # steps between checkpoints; 0 = only at the end and on signals
+    keep_last: int = 2
+    resume: str = "auto"  # auto: newest complete checkpoint in out_dir if any | none | a checkpoint path
+
+    def validate(self) -> None:
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    return out_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+
+
+def find_resume(out_dir: Path, resume: str) -> Path | None:
+    """`auto`: newest complete checkpoint (or none); `none`; or an explicit checkpoint path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(out_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {MARKER} file)")
+    return path
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(out_dir: Path, step: int, model, optimizer, extra: dict[str, Any], rank: int, keep_last: int) -> Path:
+    """Save on every rank; mark complete only after all ranks finished; prune old checkpoints."""
+    path = checkpoint_dir(out_dir, step)
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # a stale incomplete attempt at the same step
+    _barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=str(path))
+    torch.save(extra, path / f"rank_{rank}.pt")
+    _barrier()
+    if rank == 0:
+        (path / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        for old in complete_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def saved_world_size(path: Path) -> int:
+    """Number of ranks that wrote checkpoint `path` (its rank_0.pt ... rank_<N-1>.pt files)."""
+    ranks = sorted(int(f.stem.split("_")[1]) for f in path.glob("rank_*.pt"))
+    if not ranks or ranks != list(range(len(ranks))):
+        raise FileNotFoundError(
+            f"{path}: rank files {[f'rank_{r}.pt' for r in ranks]} are not rank_0.pt ... "
+            f"rank_<N-1>.pt; the checkpoint is incomplete"
+        )
+    return len(ranks)
+
+
+def load(path: Path, model, optimizer, rank: int, world_size: int) -> dict[str, Any]:
+    """Load model + optimizer (resharded as needed) and return this rank's extra state.
+
+    From a checkpoint written by another number of ranks the extra state comes from
+    `reshard_extra`: it holds "sampler" and "reshard" instead of "loader".
+    """
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    saved = saved_world_size(path)
+    if saved == world_size:
+        return torch.load(path / f"rank_{rank}.pt", weights_only=False)
+    extras = [torch.load(path / f"rank_{r}.pt", weights_only=False) for r in range(saved)]
+    return reshard_extra(extras, rank, world_size, path)
+
+
+RESHARDABLE = ("step", "scheduler", "loader", "rng")
+
+
+def reshard_extra(extras: list[dict[str, Any]], rank: int, world_size: int, path: Path) -> dict[str, Any]:
+    """Rank `rank` of `world_size`'s extra state from the N saved ones (N != world_size).
+
+    step and scheduler are the same on every rank (checked); the data position is rebuilt from all
+    ranks' sampler states ("sampler": this rank's, "reshard": the whole plan, for the log); the
+    CPU RNG state, which no training sample depends on, is taken from old rank `rank mod N`.
+    """
+    unknown = sorted(set().union(*extras) - set(RESHARDABLE))
+    if unknown:
+        raise ValueError(f"{path}: extra state {unknown} cannot be resharded from {len(extras)} to {world_size} ranks")
+    for key in ("step", "scheduler"):
+        for r, extra in enumerate(extras):
+            if extra[key] != extras[0][key]:
+                raise ValueError(
+                    f"{path / f'rank_{r}.pt'}: {key} differs from rank_0.pt's; cannot reshard a "
+                    "checkpoint whose ranks disagree on it"
+                )
+    try:
+        plan = reshard_states([sampler_state_of(e["loader"]) for e in extras], world_size)
+    except ValueError as error:
+        raise ValueError(f"{path}: cannot reshard the data-loader state to {world_size} ranks: {error}") from error
+    return {
+        "step": extras[0]["step"],
+        "scheduler": extras[0]["scheduler"],
+        "rng": extras[rank % len(extras)]["rng"],
+        "sampler": plan.states[rank],
+        "reshard": plan,
+    }
+
+
+def load_model_only(path: Path, model) -> None:
+    """Model weights from a training checkpoint into a plain (unsharded) model, one process."""
+    state = {"model": get_model_state_dict(model, options=StateDictOptions())}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+
+
+class Checkpointer:
+    """The run's checkpoint policy: where to resume from, when to save, and the saving itself."""
+
+    def __init__(self, settings: CheckpointSettings, out_dir: Path, rank: int, world_size: int) -> None:
+        self.settings, self.out_dir, self.rank, self.world_size = settings, out_dir, rank, world_size
+
+    def resume_path(self) -> Path | None:
+        return find_resume(self.out_dir, self.settings.resume)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Save after this step? Every `every` steps and always after the last one."""
+        return step == last_step or bool(self.settings.every and step % self.settings.every == 0)
+
+    def save(self, step: int, model, optimizer, train_state) -> Path:
+        return save(self.out_dir, step, model, optimizer, train_state.state_dict(), self.rank, self.settings.keep_last)
+
+    def load(self, path: Path, model, optimizer, train_state) -> None:
+        train_state.load_state_dict(load(path, model, optimizer, self.rank, self.world_size))

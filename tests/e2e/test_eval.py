@@ -1,0 +1,281 @@
+"""`python -m retro.eval` end to end on tiny local models with a character tokenizer (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+from tiny import save_source
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from retro.convert import convert
+from retro.eval import main, parse_recurrences
+from retro.inference.tasks import extract_flexible, extract_strict, last_boxed, math_equal, numbers_equal
+
+GSM8K_ROWS = [
+    {
+        "question": f"Ann has {a} apples and buys {b} more. How many apples does she have?",
+        "answer": f"{a} + {b} = {a + b}\n#### {a + b}",
+    }
+    for a, b in [(2, 3), (10, 5), (7, 1), (1200, 34), (6, 6)]
+]
+MATH_ROWS = [{"problem": f"Compute ${a} + {a}$.", "answer": str(2 * a)} for a in range(1, 6)]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, ids 0-3 for pad/bos/eos/unk (the tiny models' ids)."""
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r\t"))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_models(root: Path) -> dict[str, Path]:
+    """A recurrent (1,2,1) and a static checkpoint from one tiny Llama, each with the tokenizer."""
+    save_source(root / "src", "llama", vocab_size=128, max_position_embeddings=1024)
+    char_tokenizer().save_pretrained(root / "src")
+    out = {"recurrent": root / "recurrent", "static": root / "static"}
+    convert(root / "src", out["recurrent"], shape=(1, 2, 1), adapter_init="default", state_init="zeros")
+    convert(root / "src", out["static"], static=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    paths = tiny_models(root)
+    for name, rows in (("gsm8k", GSM8K_ROWS), ("math", MATH_ROWS)):
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def run_eval(capsys, *args) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_gsm8k_two_models_writes_json_table_plot(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = run_eval(
+        capsys,
+        "--model",
+        setup["recurrent"],
+        "--model",
+        setup["static"],
+        "--task",
+        "gsm8k",
+        "--data",
+        setup["gsm8k"],
+        "--recurrences",
+        "2,1",
+        "--max-new-tokens",
+        "10",
+        "--batch-size",
+        "2",
+        "--out",
+        out,
+    )
+    assert rc == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"] == ["flexible", "strict"]
+    rec, static = results["models"]
+    assert (rec["static"], static["static"]) == (False, True)
+    assert [run["recurrences"] for run in rec["runs"]] == [1, 2] and [run["recurrences"] for run in static["runs"]] == [
+        None
+    ]
+    for model in results["models"]:
+        for run in model["runs"]:
+            assert run["n"] == 5 and [e["index"] for e in run["examples"]] == list(range(5))
+            for e in run["examples"]:  # stored scores agree with a re-extraction from the stored text
+                assert e["reference"] == GSM8K_ROWS[e["index"]]["answer"].split("#### ")[1].replace(",", "")
+                assert e["flexible"] == numbers_equal(extract_flexible(e["completion"]), e["reference"])
+                assert e["strict"] == numbers_equal(extract_strict(e["completion"]), e["reference"])
+                assert 1 <= e["tokens"] <= 10
+            for metric in ("flexible", "strict"):
+                assert run["metrics"][metric] == sum(e[metric] for e in run["examples"]) / 5
+    assert [run["mean_passes"] for run in rec["runs"]] == [1.0, 2.0]
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == "| model | r | mean passes | flexible (%) | strict (%) | n |"
+    assert len(table) == 2 + 3 and "| static | static |" in table[-1]
+    assert (out / "gsm8k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "recurrent  r=2" in stdout
+
+
+def test_batch_size_does_not_change_completions(setup, tmp_path, capsys):
+    """Left padding is masked: batch of 5 and one-by-one give the same text (deterministic s0)."""
+    texts = []
+    for bs in (1, 5):
+        rc, _, err = run_eval(
+            capsys,
+            "--model",
+            setup["recurrent"],
+            "--task",
+            "gsm8k",
+            "--data",
+            setup["gsm8k"],
+            "--recurrences",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--fewshot",
+            "0",
+            "--batch-size",
+            bs,
+            "--out",
+            tmp_path / str(bs),
+        )
+        assert rc == 0, err
+        run = json.loads((tmp_path / str(bs) / "results.json").read_text())["models"][0]["runs"][0]
+        texts.append([e["completion"] for e in run["examples"]])
+    assert texts[0] == texts[1]
+
+
+def test_math_with_adaptive_exit(setup, tmp_path, capsys):
+    out = tmp_path / "math"
+    rc, _, err = run_eval(
+        capsys,
+        "--model",
+        setup["recurrent"],
+        "--task",
+        "math",
+        "--data",
+        setup["math"],
+        "--recurrences",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "5",
+        "--adaptive-exit",
+        "1e-3",
+        "--out",
+        out,
+    )
+    assert rc == 0, err
+    results = json.loads((out / "results.json").read_text())
+    run = results["models"][0]["runs"][0]
+    assert results["metrics"] == ["boxed"] and run["recurrences"] == 8
+    assert 2 <= run["mean_passes"] < 8
+    for e in run["examples"]:
+        assert e["boxed"] == math_equal(last_boxed(e["completion"]), e["reference"])
+    assert (out / "math.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{tmp}/missing.jsonl"], "missing.jsonl does not exist"),
+        (["--data", "{wrong}"], "missing field(s) ['question']"),
+        (["--recurrences", ""], "at least one positive integer"),
+        (["--recurrences", "0,2"], "must be >= 1"),
+        (["--recurrences", "1,x"], "comma-separated integers"),
+        (["--model", "{tmp}/nomodel"], "nomodel has no config.json"),
+        (["--fewshot", "9"], "--fewshot must be between 0 and"),
+    ],
+)
+def test_bad_input_errors(setup, tmp_path, capsys, args, message):
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"problem": "x", "answer": "1"}) + "\n")
+    defaults = {
+        "--model": str(setup["recurrent"]),
+        "--task": "gsm8k",
+        "--data": str(setup["gsm8k"]),
+        "--recurrences": "1",
+    }
+    given = dict(zip(args[::2], [a.format(tmp=tmp_path, wrong=wrong) for a in args[1::2]]))
+    argv = [x for k, v in {**defaults, **given}.items() for x in (k, v)] + ["--out", str(tmp_path / "o")]
+    rc, _, err = run_eval(capsys, *argv)
+    assert rc == 2 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_recurrences():
+    assert parse_recurrences("8, 1,2,2") == [1, 2, 8]
+    for bad in ("", " , ", "-1", "1.5"):
+        with pytest.raises(ValueError):
+            parse_recurrences(bad)
+
+
+def test_validation_loss_on_prepared_shards(setup, tmp_path, capsys):
+    """--task loss equals a direct token-weighted cross entropy over the same val windows, per r."""
+    import torch
+
+    from retro.data.loader import build_val_batches
+    from retro.data.prepare import main as prepare_main
+    from retro.model.modeling import RetroForCausalLM
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Line {i}: the cat sat on mat number {i * 7}.\n" for i in range(40)))
+    shards = tmp_path / "shards"
+    assert (
+        prepare_main(
+            [
+                "--input",
+                str(text),
+                "--tokenizer",
+                str(setup["recurrent"]),
+                "--out",
+                str(shards),
+                "--val-fraction",
+                "0.5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "loss"
+    rc, _, err = run_eval(
+        capsys,
+        "--model",
+        setup["recurrent"],
+        "--model",
+        setup["static"],
+        "--task",
+        "loss",
+        "--data",
+        shards,
+        "--recurrences",
+        "1,3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--limit",
+        "3",
+        "--out",
+        out,
+    )
+    assert rc == 0, err
+    results = json.loads((out / "results.json").read_text())
+    model = RetroForCausalLM.from_pretrained(setup["recurrent"]).eval()
+    for run in results["models"][0]["runs"]:
+        total = count = 0.0
+        with torch.no_grad():
+            for batch in build_val_batches(shards, 32, 2, 0, 1, 3):
+                logits = model(batch["input_ids"], num_recurrences=run["recurrences"]).logits
+                total += float(
+                    torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+                )
+                count += batch["labels"].numel()
+        assert run["tokens"] == count == 3 * 2 * 32
+        assert run["metrics"]["loss"] == pytest.approx(total / count, rel=1e-5)
+    losses = [run["metrics"]["loss"] for run in results["models"][0]["runs"]]
+    assert losses[0] != pytest.approx(losses[1], rel=1e-4)
+    assert results["models"][1]["static"] and len(results["models"][1]["runs"]) == 1
+    assert (out / "loss.png").is_file() and "| static | static |" in (out / "results.md").read_text()
+
+
+def test_loss_task_needs_a_shard_directory(setup, tmp_path, capsys):
+    rc, _, err = run_eval(
+        capsys, "--model", setup["recurrent"], "--task", "loss", "--data", setup["gsm8k"], "--out", tmp_path / "o"
+    )
+    assert rc == 2 and "not a directory" in err

@@ -1,0 +1,143 @@
+"""retro.plan: the cost model against measurements (memory, FLOPs), the sampler, HF parameter counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from retro.model.config import RetroConfig
+from retro.model.flops import FlopModel
+from retro.plan import main
+from retro.planning.check import TOLERANCE, check_config, compare, measure_states
+from retro.planning.comm import comm_per_step, feasible_micro_batch
+from retro.planning.compute import run_flops
+from retro.planning.memory import memory_per_gpu, sharding_units
+from retro.planning.shapes import PRESETS
+from retro.training.job_config import JobConfig
+from retro.training.recurrence import RecurrenceSchedule
+
+
+def test_memory_and_flops_within_tolerance_of_measured():
+    rows = compare(n=3, k=2)
+    assert len(rows) == 9
+    for row in rows:
+        assert abs(row["rel_error"]) <= TOLERANCE, row
+    by_name = {r["quantity"]: r for r in rows}
+    # Checkpointing must show up in both directions: fewer bytes held, more FLOPs executed.
+    assert (
+        by_name["activation bytes, checkpointing=recurrence"]["measured"]
+        < 0.7 * by_name["activation bytes, checkpointing=none"]["measured"]
+    )
+    assert (
+        by_name["step FLOPs (n=3, k=2), checkpointing=recurrence"]["measured"]
+        > by_name["step FLOPs (n=3, k=2), checkpointing=none"]["measured"]
+    )
+
+
+def test_adamw_state_bytes():
+    cfg, config = check_config("adamw")
+    planned = memory_per_gpu(config, cfg, shard=1, micro_batch=2, k=1, on_gpu=False)["optimizer state"]
+    measured = measure_states(cfg, config, 0, 1)["optimizer"]
+    assert abs(planned - measured) / measured < 0.01  # two fp32 buffers per parameter (+ step counters)
+
+
+def test_parameter_count_matches_transformers():
+    """A shape that keeps every TinyLlama layer (no loop) has exactly the HF model's parameters."""
+    shape = {**PRESETS["tinyllama-484"], "n_prelude": 11, "n_recurrent": 0, "n_coda": 11}
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=32000,
+                hidden_size=2048,
+                intermediate_size=5632,
+                num_hidden_layers=22,
+                num_attention_heads=32,
+                num_key_value_heads=4,
+            )
+        )
+    assert (
+        sum(sharding_units(RetroConfig(**shape)).values()) == sum(p.numel() for p in hf.parameters()) == 1_100_048_384
+    )
+    units = sharding_units(RetroConfig(**PRESETS["tinyllama-484"]))
+    layer = units["prelude.0"]
+    assert units["core"] == 8 * layer + 2048 * 4096  # the block's layers + the 2h -> h adapter, one unit
+
+
+def test_run_flops_match_the_sampler():
+    """Expected FLOPs over the curriculum = the sum over the trainer's own draws, within sampling noise."""
+    cfg = JobConfig()
+    cfg.train.steps, cfg.train.global_batch, cfg.data.seq_len = 3000, 4, 32
+    cfg.recurrence.max_mean, cfg.recurrence.ramp_fraction = 8, 0.5
+    config = RetroConfig(**PRESETS["tinyllama-484"])
+    flops = FlopModel.from_config(config, cfg.data.seq_len)
+    planned = run_flops(cfg, flops)
+    schedule = RecurrenceSchedule.from_settings(cfg.recurrence, cfg.train.steps, cfg.train.seed)
+    sampled = sum(flops.per_token(*schedule.sample(step)) for step in range(cfg.train.steps)) * 4 * 32
+    assert abs(planned["total_flops"] - sampled) / sampled < 0.03
+    assert sum(p["steps"] for p in planned["phases"]) == 3000
+    assert [p["mean"] for p in planned["phases"]] == list(range(1, 9))
+
+
+def test_comm_volume_model():
+    units = {"prelude.0": 10, "core": 30, "root": 20}
+    fsdp = comm_per_step(units, muon_params=40, gpus=4, shard=4, accum=2, reshard=True)
+    assert (
+        fsdp["all_gather"] == 2 * 0.75 * (60 + 40) * 2
+    )  # forward all units, backward all but the root, per micro-batch
+    assert fsdp["reduce_scatter"] == 0.75 * 60 * 4 and fsdp["all_reduce"] == 0
+    no_reshard = comm_per_step(units, 40, 4, 4, 2, reshard=False)
+    assert no_reshard["all_gather"] == 2 * 0.75 * 60 * 2
+    hsdp = comm_per_step(units, 40, gpus=64, shard=8, accum=1, reshard=True)
+    assert hsdp["all_reduce"] == pytest.approx(2 * 7 / 8 * 60 / 8 * 4)
+    assert (
+        hsdp["inter_node"] == hsdp["all_reduce"]
+    )  # shard group inside a node: only the replica all-reduce crosses nodes
+    fsdp64 = comm_per_step(units, 40, gpus=64, shard=64, accum=1, reshard=True)
+    assert fsdp64["intra_node"] == 0 and fsdp64["inter_node"] > hsdp["inter_node"]
+    assert comm_per_step(units, 40, 1, 1, 1, True)["all_gather"] == 0
+
+
+def test_feasible_micro_batch():
+    cfg = JobConfig()
+    cfg.train.global_batch, cfg.train.micro_batch = 1024, 8
+    assert feasible_micro_batch(cfg, 8) == (8, 16)
+    assert feasible_micro_batch(cfg, 512) == (2, 1)
+    assert feasible_micro_batch(cfg, 2048) is None
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert (
+        main(
+            [
+                "--preset",
+                "llama32-464",
+                "--gpus",
+                "64",
+                "--mfu",
+                "0.5",
+                "--json",
+                str(out),
+                "--train.steps=2000",
+                "--optim.name=muon",
+                "--data.seq_len=1024",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "per run:" in text and "checkpointing=recurrence" in text and "HSDP" in text
+    result = json.loads(out.read_text())
+    assert sorted({c["gpus"] for c in result["comm"]}) == [8, 64, 512]
+    assert result["run"]["tokens"] == 2000 * 1024 * 1024
+    assert result["model"]["muon_params"] > 0
+
+
+def test_cli_missing_model_config(tmp_path, capsys):
+    config = tmp_path / "x.toml"
+    config.write_text(f'[model]\npath = "{tmp_path / "nowhere"}"\n')
+    assert main(["--config", str(config)]) == 2
+    assert "no model config at" in capsys.readouterr().err
