@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_muon import Toy, batches, fp32_close
+from muon_helpers import Toy, batches, fp32_close
 from test_muon_fsdp import LRS, _free_port, _shard, _train, checkpoint_resume_result
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 from train_helpers import base_overrides, make_assets, read_metrics, run_train
