@@ -126,7 +126,7 @@ def main() -> None:
     forward_backward()  # fixed gradients for every optimizer below
     optimizers: dict[str, list[torch.optim.Optimizer]] = {
         "AdamW": [build_optimizer(model, name="adamw")],
-        "Muon (ours, split q/k/v, gate/up)": [build_optimizer(model, muon_lr=1e-6, lr=1e-9)],
+        "Muon (ours, split q/k/v, gate/up)": [build_optimizer(model, muon_lr=1e-6, lr=1e-9, muon_split_fused=True)],
         "Muon (ours, fused)": [build_optimizer(model, muon_lr=1e-6, lr=1e-9, muon_split_fused=False)],
         "Muon (ours, fused, NS in bf16)": [
             build_optimizer(model, muon_lr=1e-6, lr=1e-9, muon_split_fused=False, ns_dtype="bfloat16")

@@ -3,7 +3,7 @@ batch, for the trainer's layout (recurrent core as one FSDP2 unit) and the naive
 layer its own unit, re-gathered on every pass).
 
 One training step is the trainer's: the model built by `retro.training.model_source.build_model` (FSDP2 via
-`retro.parallel.parallelize`, per-recurrence activation checkpointing), forward + backward, loss
+`retro.distributed.parallelize`, per-recurrence activation checkpointing), forward + backward, loss
 all-reduce, gradient clipping, optimizer step, at fixed r with k = min(r, backprop depth).
 All layouts live in the same two gloo processes and are stepped in turn every round (rank 1
 waits in a blocking barrier while rank 0 runs the 1-rank step), so machine noise hits all alike.

@@ -21,38 +21,7 @@ from benchmarks.common import print_table, write_results
 from retro.distributed.parallelize import ParallelSettings, parallelize
 from retro.model.flops import FlopModel
 from retro.planning.hardware import peak_flops
-
-# Shapes of the paper's models (public HF configs), for GPU runs with random weights.
-PRESETS = {
-    "tinyllama-484": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        n_prelude=4,
-        n_recurrent=8,
-        n_coda=4,
-    ),
-    "llama32-464": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        n_prelude=4,
-        n_recurrent=6,
-        n_coda=4,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-}
+from retro.planning.shapes import PRESETS  # the paper's models, here with random weights
 
 
 class SavedBytes:

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared by slurm.sbatch, node.sh and local.sh: paths, environment defaults, the torchrun command.
-# Every setting is an environment variable with a default; README "Launchers" lists them.
+# Every setting is an environment variable with a default; docs/launchers.md lists them.
 
 RETRO_HOME=${RETRO_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 RETRO_PYTHON=${RETRO_PYTHON:-python}

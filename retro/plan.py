@@ -23,7 +23,7 @@ from retro.training.job_config import ConfigError, load_config, split_cli_overri
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retro.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="training TOML (configs/*.toml); defaults of retro.config when omitted")
+    parser.add_argument("--config", help="training TOML (configs/*.toml); the defaults when omitted")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu", default="h200", choices=sorted(GPUS))
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed loop-aware MFU (0-1)")
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus < 1 or args.gpus % job.parallel.replicate:
             raise ConfigError(
                 f"--gpus {args.gpus} must be a positive multiple of parallel.replicate = {job.parallel.replicate}"
+            )
+        per_step = job.train.micro_batch * args.gpus
+        if job.train.global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch = {job.train.global_batch} is not divisible by train.micro_batch x --gpus = "
+                f"{job.train.micro_batch} x {args.gpus}: retro.train would refuse this split; change one of them"
             )
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")

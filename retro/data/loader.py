@@ -5,6 +5,12 @@ windows (seq_len + 1 tokens, stride seq_len, across document boundaries as in th
 order lives entirely in `MixtureBatchSampler`, which runs in the main process; workers only copy
 tokens. Hence the loader's state is the sampler's few integers, and it resumes exactly, with any
 number of workers (also a different number than the run that saved it).
+
+Every batch's ids are checked against the vocabulary as it is read (one max() over the batch):
+an id beyond it, from a shard corrupted without changing its size, raises ShardFormatError naming
+the shard file and offset instead of an IndexError in the embedding mid-run. Checksums are not
+checked while reading; for long runs open the data with `verify="full"` (`retro.data.shards.Verify`),
+which checks every shard's SHA-256 and id range once before the first step.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class DataSettings:
     val: str = ""  # shard directory whose "val" split is used; empty = the first train source
     seq_len: int = 1024
     num_workers: int = 2
+    allow_tokenizer_mismatch: bool = False  # train even if the data's tokenizer hash differs from the model's
 
     def validate(self) -> None:
         if self.seq_len < 1:
@@ -64,6 +71,7 @@ class PackedWindows(torch.utils.data.Dataset):
         self.doc_positions = doc_positions
         self.num_windows = [s.num_windows(seq_len) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(self.num_windows)]).astype(np.int64)
+        self.vocab_size = min(s.vocab_size for s in self.sources)  # every id read must stay below it
         self.sampler: MixtureBatchSampler | None = None  # set by build_train_loader, for reporting
 
     def __len__(self) -> int:
@@ -80,11 +88,20 @@ class PackedWindows(torch.utils.data.Dataset):
             self.sources[s].read(start, t + 1, out=rows[r])
             if pos is not None:
                 pos[r] = _positions(self.sources[s].doc_starts(start + 1, start + t), start, t)
+        if rows.size and int(rows.max()) >= self.vocab_size:  # one vectorised pass per batch
+            raise self._out_of_vocabulary(rows, ids)
         x = torch.from_numpy(rows)
         batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
         if pos is not None:
             batch["position_ids"] = torch.from_numpy(pos)
         return batch
+
+    def _out_of_vocabulary(self, rows: np.ndarray, ids: Sequence[int]) -> ShardFormatError:
+        """The error naming the shard file and offset of the first id beyond the vocabulary in `rows`."""
+        r, j = (int(v) for v in np.argwhere(rows >= self.vocab_size)[0])
+        s = int(np.searchsorted(self.offsets, ids[r], side="right")) - 1
+        start = (int(ids[r]) - int(self.offsets[s])) * self.seq_len
+        return self.sources[s].out_of_vocabulary(start + j, int(rows[r, j]), self.vocab_size)
 
     def __getitem__(self, gid: int) -> Batch:
         return {k: v[0] for k, v in self.__getitems__([gid]).items()}

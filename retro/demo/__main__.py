@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     import torch
+    from transformers.utils import logging as hf_logging
 
     from retro.demo.pipeline import run_demo
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of every small from_pretrained
     torch.set_num_threads(args.threads)
     try:
         run_demo(Path(args.out), settings)

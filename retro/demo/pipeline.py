@@ -86,7 +86,10 @@ def train_run(
     metrics = run_dir / "metrics.jsonl"
     show_r = float(values.get("recurrence.max_mean", 2)) > 1  # the static model ignores the sampled r
     log_path = logs / f"{name}.log"
-    with log_path.open("w") as log, tqdm(total=steps, desc=f"  {name}", unit="step", dynamic_ncols=True) as bar:
+    with (
+        log_path.open("w") as log,
+        tqdm(total=steps, desc=f"  {name}", unit="step", dynamic_ncols=True, disable=None) as bar,
+    ):
         log.write("$ " + " ".join(map(str, cmd)) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -130,7 +133,7 @@ def matched_static_steps(
         raise ValueError(f"{recurrent_dir}: metrics.jsonl must log every step (train.log_every = 1) to count FLOPs")
     recurrent = FlopModel.from_config(RetroConfig.from_pretrained(recurrent_dir), seq_len)
     static = FlopModel.from_config(RetroConfig.from_pretrained(static_dir), seq_len)
-    recurrent_flops = sum(recurrent.per_token(int(r["n"]), int(r["k"])) for r in records) * tokens_per_step
+    recurrent_flops = sum(recurrent.per_token(r["n"], r["k"]) for r in records) * tokens_per_step
     static_step = static.per_token(0, 1) * tokens_per_step
     n_static = max(1, round(recurrent_flops / static_step))
     return {
@@ -139,8 +142,8 @@ def matched_static_steps(
         "static_steps": n_static,
         "static_flops": n_static * static_step,
         "recurrent_steps": len(steps),
-        "recurrent_mean_r": sum(int(r["r"]) for r in records) / len(records),
-        "recurrent_max_r": max(int(r["r"]) for r in records),
+        "recurrent_mean_r": sum(r["r"] for r in records) / len(records),
+        "recurrent_max_r": max(max(r.get("r_micro", [r["r"]])) for r in records),
         "recurrent_final_mean": records[-1]["mean_recurrence"],
     }
 
@@ -235,7 +238,7 @@ def run_demo(out: Path, settings: DemoSettings, say: Callable[[str], None] = pri
     stages.run("prepare", "python -m retro.data.prepare -> token shards", prepare)
 
     def run_pretrain():
-        bar = tqdm(total=p.steps, desc="  pretrain", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=p.steps, desc="  pretrain", unit="step", dynamic_ncols=True, disable=None)  # no bar off a TTY
 
         def progress(step: int, loss: float) -> None:
             bar.update(1)

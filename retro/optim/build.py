@@ -21,6 +21,7 @@ from retro.optim.muon import NS_DTYPES, SCALE_RULES, Muon
 from retro.training.lr_schedule import KINDS
 
 HEAD_NAME = "lm_head"
+PAPER_DECAY_FRACTION = 0.6
 OPTIMIZERS = ("muon", "adamw")
 
 
@@ -67,7 +68,7 @@ class OptimSettings:
     name: str = field(default="muon", metadata={"choices": OPTIMIZERS})
     lr: float = 5e-5  # AdamW: embeddings, head, norms (and everything when name = adamw)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    eps: float = 1e-10  # the paper's Muon recipe (its auxiliary AdamW)
     weight_decay: float = 1e-4
     muon_lr: float = 1e-3
     muon_weight_decay: float = 1e-4
@@ -77,13 +78,21 @@ class OptimSettings:
     ns_coefficients: list[float] = field(default_factory=lambda: list(MUON_COEFFICIENTS))  # (a, b, c) every step
     ns_dtype: str = field(default="auto", metadata={"choices": tuple(NS_DTYPES)})  # auto: bf16 on CUDA
     muon_scale: str = field(default="original", metadata={"choices": SCALE_RULES})  # original: sqrt(max(1, rows/cols))
-    muon_split_fused: bool = True  # orthogonalise q, k, v (gate, up) separately
+    muon_split_fused: bool = False  # False (the paper): fused Wqkv / gate-up orthogonalised whole; True: q, k, v apart
     schedule: str = field(default="wsd", metadata={"choices": KINDS})  # wsd: warmup, constant, cosine decay
     warmup_steps: int = 125
-    decay_steps: int = 0  # wsd: length of the final cosine decay
+    decay_steps: int = (
+        -1
+    )  # wsd: length of the final cosine decay; -1: the last 60% of train.steps (30k of 50k), 0: none
     min_lr_ratio: float = 0.001
 
+    def decay_steps_for(self, total_steps: int) -> int:
+        """decay_steps with -1 resolved to the paper's share (its 30k-of-50k cosine cooldown)."""
+        return round(PAPER_DECAY_FRACTION * total_steps) if self.decay_steps == -1 else self.decay_steps
+
     def validate(self) -> None:
+        if self.decay_steps < -1:
+            raise ValueError(f"optim.decay_steps must be >= 0 or -1 (the paper's 60%), got {self.decay_steps}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs two values, got {self.betas}")
 

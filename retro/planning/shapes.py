@@ -29,6 +29,14 @@ PRESETS = {
         n_prelude=4,
         n_recurrent=6,
         n_coda=4,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     ),
     "olmo2-464": dict(
         vocab_size=100352,

@@ -2,14 +2,16 @@
 
 Layout: OUT/checkpoints/step_00000100/ holds the DCP files of model + optimizer (every rank writes
 its shards), `rank_<r>.pt` with that rank's scheduler, data-loader and RNG state, and `COMPLETE`,
-written by rank 0 only after every rank has finished. A crash mid-save leaves a directory without
-`COMPLETE`, which resume ignores, so the previous checkpoint stays usable.
+written by rank 0 only after every rank has finished, with every file's size. A crash mid-save
+leaves a directory without `COMPLETE`, which resume ignores, so the previous checkpoint stays
+usable; a complete one whose files no longer match the recorded sizes is skipped with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,17 +59,55 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
 
 
-def find_resume(out_dir: Path, resume: str) -> Path | None:
-    """`auto`: newest complete checkpoint (or none); `none`; or an explicit checkpoint path."""
+def damage(path: Path) -> str | None:
+    """What is wrong with a COMPLETE checkpoint's files against the sizes recorded at save time (None: intact).
+
+    Checkpoints written before sizes were recorded carry none and are trusted as before.
+    """
+    try:
+        recorded = json.loads((path / MARKER).read_text()).get("files", {})
+    except (OSError, ValueError) as error:
+        return f"unreadable {MARKER} marker ({error})"
+    for name, size in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def find_resume(out_dir: Path, resume: str, warn=print) -> Path | None:
+    """`auto`: the newest intact complete checkpoint (or none); `none`; or an explicit checkpoint path.
+
+    Under `auto` a damaged checkpoint (a truncated or missing file) is skipped with a warning naming
+    it, and the previous complete one is used; an explicit path must be intact.
+    """
     if resume == "none":
         return None
     if resume == "auto":
-        found = complete_checkpoints(out_dir)
-        return found[-1] if found else None
+        for path in reversed(complete_checkpoints(out_dir)):
+            problem = damage(path)
+            if problem is None:
+                return path
+            warn(f"retro.train: warning: checkpoint {path} is damaged ({problem}); trying the previous one")
+        return None
     path = Path(resume)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {MARKER} file)")
+    problem = damage(path)
+    if problem is not None:
+        raise FileNotFoundError(f"checkpoint.resume = {resume}: the checkpoint is damaged ({problem})")
     return path
+
+
+def prune(out_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, the COMPLETE marker first, so a
+    kill mid-deletion leaves an incomplete directory (ignored by resume), never a complete one with
+    files missing."""
+    for old in complete_checkpoints(out_dir)[:-keep_last]:
+        (old / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _barrier() -> None:
@@ -82,13 +122,13 @@ def save(out_dir: Path, step: int, model, optimizer, extra: dict[str, Any], rank
         shutil.rmtree(path)  # a stale incomplete attempt at the same step
     _barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(path))
+    dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())  # one process: no warning
     torch.save(extra, path / f"rank_{rank}.pt")
     _barrier()
     if rank == 0:
-        (path / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
-        for old in complete_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+        (path / MARKER).write_text(json.dumps({"step": step, "time": time.time(), "files": files}))
+        prune(out_dir, keep_last)
     _barrier()
     return path
 
@@ -111,7 +151,7 @@ def load(path: Path, model, optimizer, rank: int, world_size: int) -> dict[str, 
     `reshard_extra`: it holds "sampler" and "reshard" instead of "loader".
     """
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     saved = saved_world_size(path)
@@ -157,7 +197,7 @@ def reshard_extra(extras: list[dict[str, Any]], rank: int, world_size: int, path
 def load_model_only(path: Path, model) -> None:
     """Model weights from a training checkpoint into a plain (unsharded) model, one process."""
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
 
 
@@ -168,7 +208,8 @@ class Checkpointer:
         self.settings, self.out_dir, self.rank, self.world_size = settings, out_dir, rank, world_size
 
     def resume_path(self) -> Path | None:
-        return find_resume(self.out_dir, self.settings.resume)
+        warn = (lambda text: print(text, file=sys.stderr, flush=True)) if self.rank == 0 else (lambda text: None)
+        return find_resume(self.out_dir, self.settings.resume, warn)
 
     def due(self, step: int, last_step: int) -> bool:
         """Save after this step? Every `every` steps and always after the last one."""

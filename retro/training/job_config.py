@@ -115,9 +115,10 @@ def validate(job: JobConfig) -> None:
         raise ConfigError(
             f"data.weights has {len(job.data.weights)} entries for {len(job.data.train)} data.train sources"
         )
-    if o.warmup_steps + o.decay_steps > t.steps:
+    decay = o.decay_steps_for(t.steps)
+    if o.warmup_steps + (decay if o.schedule == "wsd" else 0) > t.steps:
         raise ConfigError(
-            f"optim.warmup_steps + optim.decay_steps = {o.warmup_steps + o.decay_steps} exceeds train.steps = {t.steps}"
+            f"optim.warmup_steps + optim.decay_steps = {o.warmup_steps} + {decay} exceeds train.steps = {t.steps}"
         )
 
 

@@ -32,3 +32,11 @@ class MetricsLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (a resumed run re-runs them), so plots show each step once."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 CURRICULA = ("1-sqrt", "linear", "none")
+SAMPLE_EVERY = ("micro_batch", "step")  # micro_batch: one draw per data step, as the paper's train.py
 
 # ceil(M * f) is taken after subtracting this, so a value that is an integer in exact arithmetic
 # but lands 1 ulp above it in floating point (M = 9, f = 1 - sqrt(1/9) gives 6.000000000000001) is
@@ -106,6 +107,7 @@ class RecurrenceSettings:
     backprop_depth: int = 8  # s: passes with gradient
     sigma: float = 0.5
     cap: int = 0  # 0 = no cap on the sampled r
+    sample_every: str = field(default="micro_batch", metadata={"choices": SAMPLE_EVERY})
 
     def validate(self) -> None:
         if self.max_mean < 1:
@@ -211,8 +213,9 @@ class RecurrenceSchedule:
         """(n no-grad passes, k grad passes) for this optimizer step.
 
         Deterministic in (seed, step, micro_step), identical on every rank and in every process,
-        no communication. The trainer calls it once per optimizer step (micro-batches share the
-        draw, micro_step = 0); pass micro_step to draw per micro-batch instead.
+        no communication. The trainer draws once per micro-batch (micro_step = its index within the
+        optimizer step, the paper's per-data-step draw) or, with recurrence.sample_every = "step",
+        once per optimizer step (micro_step = 0, every micro-batch shares it).
         """
         info = self.sample_info(step, micro_step)
         return info["n"], info["k"]

@@ -27,5 +27,7 @@ class TrainSettings:
         for key in ("steps", "global_batch", "micro_batch", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"train.grad_clip must be > 0 (the max gradient norm), got {self.grad_clip}")
         if any(v < 1 for v in self.val_recurrences):
             raise ValueError(f"train.val_recurrences must be positive, got {self.val_recurrences}")

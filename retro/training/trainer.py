@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from retro.data.loader import build_train_loader, build_val_batches
+from retro.data.manifest import ShardFormatError
 from retro.data.mixture import Reshard
 from retro.data.shards import TokenShards, check_tokenizer_matches
 from retro.distributed.setup import all_reduce_mean, build_mesh, compute_dtype, init_distributed
@@ -24,11 +25,11 @@ from retro.model.config import RetroConfig
 from retro.model.flops import FlopModel
 from retro.optim import build_optimizer
 from retro.planning.hardware import peak_flops
-from retro.training.checkpoint import Checkpointer
-from retro.training.errors import ConfigError
+from retro.training.checkpoint import Checkpointer, complete_checkpoints
+from retro.training.errors import ConfigError, TrainingError
 from retro.training.job_config import JobConfig, save_config
-from retro.training.lr_schedule import scheduler_for
-from retro.training.metrics import MetricsLog
+from retro.training.lr_schedule import rebase_learning_rates, scheduler_for
+from retro.training.metrics import MetricsLog, truncate_after
 from retro.training.model_source import build_model, load_model_config
 from retro.training.progress import Progress
 from retro.training.recurrence import RecurrenceSchedule, state_generator
@@ -40,7 +41,7 @@ BAD_STEPS_EXIT_CODE = 3
 
 
 def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int) -> None:
-    """Data/tokenizer/batch checks that must fail before any training starts."""
+    """Data/tokenizer/batch checks that must fail before any training starts (train and val sources)."""
     if not job.data.train:
         raise ConfigError("data.train is empty: give prepared shard directories (python -m retro.data.prepare)")
     per_step = job.train.micro_batch * world_size
@@ -49,8 +50,26 @@ def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int
             f"train.global_batch = {job.train.global_batch} is not divisible by train.micro_batch x ranks "
             f"= {job.train.micro_batch} x {world_size}"
         )
-    for source in job.data.train:
-        check_tokenizer_matches(TokenShards(source, split="train"), model_config.vocab_size)
+    sources = [(source, "train") for source in job.data.train] + ([(job.data.val, "val")] if job.data.val else [])
+    tokenizer_dir = model_tokenizer_dir(job)
+    for source, split in sources:
+        shards = TokenShards(source, split=split)
+        check_tokenizer_matches(shards, model_config.vocab_size)
+        if tokenizer_dir is not None and not job.data.allow_tokenizer_mismatch:
+            try:
+                check_tokenizer_matches(shards, tokenizer_dir)
+            except ShardFormatError as error:
+                raise ConfigError(
+                    f"{error}. The model directory {tokenizer_dir} holds the tokenizer it was converted with; "
+                    "re-run retro.data.prepare with it, or set data.allow_tokenizer_mismatch = true if the two "
+                    "tokenizers are known to agree"
+                ) from None
+
+
+def model_tokenizer_dir(job: JobConfig) -> Path | None:
+    """The model directory when it carries tokenizer files (retro.convert copies the source's), else None."""
+    path = Path(job.model.path)
+    return path if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")) else None
 
 
 def reshard_warning(reshard: Reshard, path: Path, step: int, job: JobConfig) -> str:
@@ -85,58 +104,73 @@ class Trainer:
         self.dtype = compute_dtype(t.dtype, info.device)
         self.model = build_model(job.model, self.model_config, job.parallel, self.mesh, info.device, self.dtype, t.seed)
         self.optimizer = build_optimizer(self.model, job.optim)
+        d = job.data
         loader = build_train_loader(
-            job.data.train,
-            job.data.weights or None,
-            job.data.seq_len,
-            t.micro_batch,
-            info.rank,
-            info.world_size,
-            t.seed,
-            job.data.num_workers,
+            d.train, d.weights or None, d.seq_len, t.micro_batch, info.rank, info.world_size, t.seed, d.num_workers
         )
         self.state = TrainState(scheduler_for(self.optimizer, job.optim, t.steps), loader)
+        val_source = d.val or d.train[0]
+        per_rank = max(1, t.val_batches // info.world_size)
         self.val_batches = list(
-            build_val_batches(
-                job.data.val or job.data.train[0],
-                job.data.seq_len,
-                t.micro_batch,
-                info.rank,
-                info.world_size,
-                max(1, t.val_batches // info.world_size),
-            )
+            build_val_batches(val_source, d.seq_len, t.micro_batch, info.rank, info.world_size, per_rank)
         )
         self.accumulation = t.global_batch // (t.micro_batch * info.world_size)
         self.checkpointer = Checkpointer(job.checkpoint, self.out_dir, info.rank, info.world_size)
         self.resumed_from = self.checkpointer.resume_path()
         if self.resumed_from is not None:
-            self.checkpointer.load(self.resumed_from, self.model, self.optimizer, self.state)
-            if self.state.reshard is not None and info.is_main:
-                print(
-                    reshard_warning(self.state.reshard, self.resumed_from, self.state.step, job),
-                    file=sys.stderr,
-                    flush=True,
-                )
+            self._resume(self.resumed_from)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(job, self.out_dir / "config.json")
             self.model_config.save_pretrained(self.out_dir / "model_config")
             start = f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"
-            print(
-                f"retro.train: {info.world_size} rank(s) on {info.device}, {self.dtype}, accumulation "
-                f"{self.accumulation}, {start}",
-                flush=True,
+            self._say(
+                f"{info.world_size} rank(s) on {info.device}, {self.dtype}, accumulation {self.accumulation}, {start}"
             )
-        self.log = (
-            MetricsLog(self.out_dir / "metrics.jsonl", self.out_dir / "tensorboard" if t.tensorboard else None)
-            if info.is_main
-            else None
-        )
-        self.flops = FlopModel.from_config(self.model_config, job.data.seq_len)
+        self.log = None
+        if info.is_main:
+            metrics = self.out_dir / "metrics.jsonl"
+            if self.resumed_from is not None:
+                truncate_after(metrics, self.state.step)  # the steps after the checkpoint are re-run
+            self.log = MetricsLog(metrics, self.out_dir / "tensorboard" if t.tensorboard else None)
+        self.flops = FlopModel.from_config(self.model_config, d.seq_len)
         self.peak = peak_flops(info.device)
-        self.tokens_per_step = t.global_batch * job.data.seq_len
+        self.tokens_per_step = t.global_batch * d.seq_len
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = iter(loader)
+
+    def _say(self, text: str, error: bool = False) -> None:
+        if self.info.is_main:
+            print(f"retro.train: {text}", file=sys.stderr if error else sys.stdout, flush=True)
+
+    def _resume(self, path: Path) -> None:
+        self.checkpointer.load(path, self.model, self.optimizer, self.state)
+        if self.state.reshard is not None:
+            self._say(
+                reshard_warning(self.state.reshard, path, self.state.step, self.job).removeprefix("retro.train: "), True
+            )
+        for name, old, new in rebase_learning_rates(self.optimizer, self.state.scheduler, self.job.optim):
+            self._say(
+                f"note: {name} changed from {old:g} (checkpoint) to {new:g} (config); training continues at {new:g}"
+            )
+
+    def draws(self, step: int) -> list[dict]:
+        """The recurrence of each micro-batch of optimizer step `step`: a pure function of (seed, step, index)."""
+        if self.job.recurrence.sample_every == "step":
+            return [self.recurrence.sample_info(step)] * self.accumulation
+        return [self.recurrence.sample_info(step, micro) for micro in range(self.accumulation)]
+
+    def _check_ranks_agree(self, draws: list[dict]) -> None:
+        """One tiny all-reduce: a rank that drew another r would silently train a different model."""
+        if not dist.is_initialized():
+            return
+        r = torch.tensor([d["r"] for d in draws], dtype=torch.float64, device=self.info.device)
+        both = torch.cat([r, -r])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        if not torch.equal(both, torch.cat([r, -r])):
+            raise TrainingError(
+                f"ranks disagree on the recurrence at this step (rank {self.info.rank} drew {r.tolist()})"
+            )
 
     def forward_backward(self, batch: dict, step: int, micro: int, n: int, k: int) -> torch.Tensor:
         """One micro-batch: loss / accumulation backpropagated through the last k of n + k passes."""
@@ -159,13 +193,13 @@ class Trainer:
         device = self.info.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        draw = self.recurrence.sample_info(step)
-        n, k = draw["n"], draw["k"]
+        draws = self.draws(step)
+        self._check_ranks_agree(draws)
         loss_sum = torch.zeros((), device=device)
-        for micro in range(self.accumulation):
+        for micro, draw in enumerate(draws):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == self.accumulation - 1)
-            loss_sum += self.forward_backward(next(self.batches), step, micro, n, k)
+            loss_sum += self.forward_backward(next(self.batches), step, micro, draw["n"], draw["k"])
         loss = all_reduce_mean(loss_sum).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.job.train.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
@@ -177,78 +211,89 @@ class Trainer:
         scheduler.step()
         self.state.step = step + 1
         elapsed = time.perf_counter() - started
+        n = sum(d["n"] for d in draws) / len(draws)  # FLOPs are linear in (n, k): the means count them exactly
+        k = sum(d["k"] for d in draws) / len(draws)
         return {
-            "step": step + 1,
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": scheduler.get_last_lr()[-1],
-            "lr_groups": scheduler.get_last_lr(),
-            "n": n,
-            "k": k,
-            "r": n + k,
-            "mean_recurrence": draw["mean"],
-            "capped": draw["capped"],
-            "tokens": (step + 1) * self.tokens_per_step,
-            "tokens_per_s": self.tokens_per_step / elapsed,
-            "step_time_s": elapsed,
-            "skipped": not finite,
+            "step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[-1],
+            "lr_groups": scheduler.get_last_lr(), "n": n, "k": k, "r": n + k, "r_micro": [d["r"] for d in draws],
+            "mean_recurrence": draws[0]["mean"], "capped": sum(d["capped"] for d in draws),
+            "tokens": (step + 1) * self.tokens_per_step, "tokens_per_s": self.tokens_per_step / elapsed,
+            "step_time_s": elapsed, "skipped": not finite,
             "mfu": self.flops.per_token(n, k) * self.tokens_per_step / elapsed / self.peak / self.info.world_size,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-        }
+        }  # fmt: skip
 
     def validate(self) -> dict[str, float]:
         return validation_losses(self.model, self.val_batches, self.job.train.val_recurrences, self.info.device)
 
-    def save(self) -> None:
+    def weights_finite(self) -> bool:
+        """Every rank's shards finite (one all-reduce): a diverged model must never overwrite a good checkpoint."""
+        ok = torch.tensor([float(all(torch.isfinite(p.detach()).all() for p in self.params))], device=self.info.device)
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def what_exists(self) -> str:
+        done = complete_checkpoints(self.out_dir)
+        return f"the last complete checkpoint is {done[-1]}" if done else "no checkpoint of this run exists"
+
+    def save(self) -> bool:
+        """Save the current state if its weights are finite; False (and nothing written) if not."""
+        if not self.weights_finite():
+            self._say(f"error: weights are not finite after step {self.state.step} (diverged); not saving; "
+                      f"{self.what_exists()}", True)  # fmt: skip
+            return False
         self.checkpointer.save(self.state.step, self.model, self.optimizer, self.state)
+        return True
 
     def fit(self) -> int:
         """Train to train.steps; returns the exit code (0, REQUEUE_EXIT_CODE after a signal, BAD_STEPS_EXIT_CODE)."""
         t = self.job.train
         progress = Progress(t.steps, self.state.step, enabled=self.info.is_main)
         signals = SignalFlag()
-        bad_in_a_row, exit_code = 0, 0
+        bad_in_a_row = 0
         self.model.train()
-        while self.state.step < t.steps:
-            record = self.train_step(self.state.step)
-            step, finite = record["step"], not record["skipped"]
-            bad_in_a_row = 0 if finite else bad_in_a_row + 1
-            if t.val_every and step % t.val_every == 0 or step == t.steps:
-                record.update(self.validate())
-            if self.log is not None and (step % t.log_every == 0 or not finite or step == t.steps):
-                self.log.write(record)
-            progress.update(loss=f"{record['loss']:.4f}", r=record["r"], m=record["mean_recurrence"])
-            if not finite:
-                print(
-                    f"retro.train: step {step}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
-                    f"update skipped ({bad_in_a_row} in a row)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                if bad_in_a_row > t.max_bad_steps:
-                    exit_code = BAD_STEPS_EXIT_CODE
-                    print(
-                        f"retro.train: stopping: {bad_in_a_row} non-finite steps in a row exceeds "
-                        "train.max_bad_steps = "
-                        f"{t.max_bad_steps}; the last good checkpoint is kept unchanged",
-                        file=sys.stderr,
-                        flush=True,
+        try:
+            while self.state.step < t.steps:
+                record = self.train_step(self.state.step)
+                step, finite = record["step"], not record["skipped"]
+                bad_in_a_row = 0 if finite else bad_in_a_row + 1
+                progress.update(loss=f"{record['loss']:.4f}", r=record["r"], m=record["mean_recurrence"])
+                if not finite:
+                    self._say(f"step {step}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
+                              f"update skipped ({bad_in_a_row} in a row)", True)  # fmt: skip
+                stop = bad_in_a_row > t.max_bad_steps or (not finite and step == t.steps)
+                if stop:  # never save weights that just gave a non-finite loss: they would poison every resume
+                    self._log(record)
+                    why = (
+                        f"{bad_in_a_row} non-finite steps in a row exceeds train.max_bad_steps = {t.max_bad_steps}"
+                        if bad_in_a_row > t.max_bad_steps
+                        else "the last step was not finite"
                     )
-                    break
-                continue
-            if signals.agreed(self.info.device):
-                self.save()
-                exit_code = REQUEUE_EXIT_CODE
-                if self.info.is_main:
-                    print(
-                        f"retro.train: signal received; checkpoint at step {step} written; exiting for requeue",
-                        flush=True,
-                    )
-                break
-            if self.checkpointer.due(step, t.steps):
-                self.save()
-        progress.close()
-        return exit_code
+                    self._say(f"stopping: {why}; these weights are not saved; {self.what_exists()}", True)
+                    return BAD_STEPS_EXIT_CODE
+                if signals.agreed(self.info.device):
+                    self._log(record)
+                    if not finite or not self.save():
+                        self._say(f"signal received at a non-finite step; not saved; {self.what_exists()}", True)
+                        return BAD_STEPS_EXIT_CODE
+                    self._say(f"signal received; checkpoint at step {step} written; exiting for requeue")
+                    return REQUEUE_EXIT_CODE
+                # save before validating: a failing validation or log must never cost the checkpoint
+                if finite and self.checkpointer.due(step, t.steps) and not self.save():
+                    self._log(record)
+                    return BAD_STEPS_EXIT_CODE
+                if t.val_every and step % t.val_every == 0 or step == t.steps:
+                    record.update(self.validate())
+                if step % t.log_every == 0 or not finite or step == t.steps:
+                    self._log(record)
+        finally:
+            progress.close()
+        return 0
+
+    def _log(self, record: dict) -> None:
+        if self.log is not None:
+            self.log.write(record)
 
     def close(self) -> None:
         if self.log is not None:

@@ -84,7 +84,7 @@ def test_build_optimizer_switches_and_errors():
         build_optimizer(model, name="sgd")
     model.layers[0].qkv_proj.split_sizes = (16, 6, 5)
     with pytest.raises(ValueError, match=r"layers.0.qkv_proj.split_sizes=\(16, 6, 5\)"):
-        build_optimizer(model)
+        build_optimizer(model, muon_split_fused=True)  # the split option checks split_sizes
     with pytest.raises(ValueError, match="unknown keys"):
         Muon([{"params": [nn.Parameter(torch.ones(2, 2))], "weight_decy": 0.1}])
     with pytest.raises(ValueError, match="2-D"):

@@ -1,0 +1,136 @@
+"""retro.train never loses a run or trains silently wrong (issue: nothing lost, ever).
+
+Each case runs the real CLI on a tiny model: a val set the model cannot read, a diverging run,
+a damaged newest checkpoint, a changed learning rate on resume, data from another tokenizer of the
+same size, the paper's per-micro-batch recurrence draws across ranks and across a resume, and the
+metrics log after a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from data_helpers import prepare_dir, random_docs, word_tokenizer, write_jsonl
+from tokenizers import Tokenizer, models, pre_tokenizers
+from train_helpers import NUM_WORDS, base_overrides, make_assets, read_metrics, run_train
+from transformers import PreTrainedTokenizerFast
+
+from retro.training import checkpoint
+from retro.training.lr_schedule import lr_multiplier
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+def test_val_set_beyond_the_vocabulary_fails_before_training(assets, tmp_path):
+    model, data = assets
+    big = word_tokenizer(tmp_path / "big_tok", NUM_WORDS + 50)
+    corpus = write_jsonl(tmp_path / "c.jsonl", random_docs(60, NUM_WORDS + 50, seed=3, min_len=5, max_len=30))
+    val = prepare_dir(tmp_path / "val", [corpus], big, "--val-fraction", "0.5")
+    result = run_train(base_overrides(model, data, tmp_path / "run", **{"data.val": val}), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(val) in result.stderr and "vocab" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
+
+
+def test_a_diverged_run_saves_nothing_after_it_diverged_and_exits_non_zero(assets, tmp_path):
+    """Muon at lr 1e38: step 1's update blows the weights up (finite but huge), every later loss is NaN.
+    Before: the periodic saves wrote those weights and the run exited 0. Now: nothing after step 1 is
+    saved, the exit code is 3 and the message names the last complete checkpoint."""
+    model, data = assets
+    out = tmp_path / "run"
+    extra = {"optim.name": "muon", "optim.muon_lr": 1e38, "checkpoint.every": 1, "train.steps": 5}
+    result = run_train(base_overrides(model, data, out, **extra), check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000001"]
+    assert "these weights are not saved" in result.stderr and "step_00000001" in result.stderr
+
+
+def test_damaged_newest_checkpoint_falls_back_and_metrics_are_not_repeated(assets, tmp_path):
+    model, data = assets
+    out = tmp_path / "run"
+    extra = {"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep_last": 3}
+    run_train(base_overrides(model, data, out, **extra))
+    newest = checkpoint.complete_checkpoints(out)[-1]
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = run_train(base_overrides(model, data, out, **{**extra, "train.steps": 6}))
+    assert "damaged" in result.stderr and str(newest) in result.stderr
+    assert "resuming from" in result.stdout and "step_00000002" in result.stdout
+    steps = [m["step"] for m in read_metrics(out)]
+    assert steps == sorted(set(steps)) == list(range(1, 7))  # steps 3, 4 re-run once, logged once
+
+
+def test_a_changed_learning_rate_applies_on_resume(assets, tmp_path):
+    model, data = assets
+    out = tmp_path / "run"
+    extra = {"train.steps": 4, "checkpoint.every": 2, "optim.lr": 1e-3}
+    run_train(base_overrides(model, data, out, **extra))
+    result = run_train(base_overrides(model, data, out, **{**extra, "optim.lr": 5e-4, "train.steps": 6}))
+    assert "optim.lr changed from 0.001 (checkpoint) to 0.0005 (config)" in result.stdout
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["optim"]["lr"] == 5e-4  # the recorded value is the one in use
+    schedule = dict(total_steps=6, warmup_steps=2, decay_steps=2, kind="wsd", min_ratio=0.001)
+    for m in read_metrics(out):
+        if m["step"] > 4:
+            assert m["lr_groups"] == pytest.approx([5e-4 * lr_multiplier(m["step"], **schedule)] * 2)
+
+
+def _same_size_other_tokenizer(directory):
+    """A WordLevel tokenizer with the tiny model's vocabulary size but the word ids reversed."""
+    vocab = {"[UNK]": 0, "[EOS]": 1} | {f"w{i}": NUM_WORDS + 1 - i for i in range(NUM_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(str(directory))
+    return directory
+
+
+def test_data_from_another_tokenizer_of_the_same_size_is_refused(assets, tmp_path):
+    model, _ = assets
+    other = _same_size_other_tokenizer(tmp_path / "other_tok")
+    corpus = write_jsonl(tmp_path / "c.jsonl", random_docs(200, NUM_WORDS, seed=4, min_len=5, max_len=40))
+    data = prepare_dir(tmp_path / "data", [corpus], other, "--val-fraction", "0.1")
+    result = run_train(base_overrides(model, data, tmp_path / "run"), check=False)
+    assert result.returncode == 2 and "allow_tokenizer_mismatch" in result.stderr and str(data) in result.stderr
+    override = {"data.allow_tokenizer_mismatch": "true", "train.steps": 4}
+    run_train(base_overrides(model, data, tmp_path / "forced", **override))  # the explicit override trains
+
+
+def test_per_micro_batch_draws_agree_across_ranks_and_resume(assets, tmp_path):
+    """The paper's draw per micro-batch: 2 ranks x 2 micro-batches per step. The trainer all-reduces
+    each step's draws and stops if ranks disagree, so a finished 2-rank run is the agreement check."""
+    model, data = assets
+    extra = {
+        "recurrence.sample_every": "micro_batch",
+        "train.steps": 4,
+        "checkpoint.every": 2,
+        "checkpoint.keep_last": 3,
+    }
+    run_train(base_overrides(model, data, tmp_path / "full", **extra), nproc=2)
+    full = read_metrics(tmp_path / "full")
+    assert all(len(m["r_micro"]) == 2 for m in full)
+    assert any(len(set(m["r_micro"])) == 2 for m in full), "micro-batches of a step should draw different r"
+    resumed = tmp_path / "resumed"  # as if killed after the step-2 checkpoint
+    shutil.copytree(tmp_path / "full", resumed)
+    shutil.rmtree(checkpoint.checkpoint_dir(resumed, 4))
+    run_train(base_overrides(model, data, resumed, **extra), nproc=2)
+    again = read_metrics(resumed)
+    assert [m["r_micro"] for m in again] == [m["r_micro"] for m in full]
+    for a, b in zip(again, full):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(b["loss"]), (a, b)
+
+
+def test_bad_values_are_one_clear_line(assets, tmp_path):
+    model, data = assets
+    result = run_train(base_overrides(model, data, tmp_path / "run", **{"train.grad_clip": 0}), check=False)
+    assert result.returncode == 2 and "train.grad_clip must be > 0" in result.stderr
+    plan = subprocess.run(
+        [sys.executable, "-m", "retro.plan", "--preset", "tinyllama-484", "--gpus", "3"], capture_output=True, text=True
+    )
+    assert plan.returncode == 2 and "train.global_batch" in plan.stderr and "Traceback" not in plan.stderr

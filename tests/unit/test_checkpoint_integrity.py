@@ -1,0 +1,71 @@
+"""Checkpoint integrity (single process): sizes recorded at save time, damaged checkpoints skipped
+by `auto` resume with a warning, refused when named explicitly, and pruning that can be killed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import retro
+from retro.training import checkpoint
+
+
+def _save(tmp_path, step: int, keep_last: int = 3):
+    config = retro.RetroConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_attention_heads=2, n_prelude=1, n_recurrent=1, n_coda=1
+    )
+    model = retro.RetroForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return checkpoint.save(tmp_path, step, model, optimizer, {"step": step}, rank=0, keep_last=keep_last)
+
+
+def _truncate_largest(path):
+    biggest = max(
+        (p for p in path.rglob("*") if p.is_file() and p.name != checkpoint.MARKER), key=lambda p: p.stat().st_size
+    )
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    return biggest
+
+
+def test_marker_records_every_file_size(tmp_path):
+    path = _save(tmp_path, 2)
+    files = json.loads((path / checkpoint.MARKER).read_text())["files"]
+    on_disk = {
+        str(p.relative_to(path)): p.stat().st_size
+        for p in path.rglob("*")
+        if p.is_file() and p.name != checkpoint.MARKER
+    }
+    assert files == on_disk and "rank_0.pt" in files
+    assert checkpoint.damage(path) is None
+
+
+def test_auto_resume_skips_a_truncated_checkpoint_with_a_warning(tmp_path):
+    first, second = _save(tmp_path, 2), _save(tmp_path, 4)
+    broken = _truncate_largest(second)
+    warnings = []
+    assert checkpoint.find_resume(tmp_path, "auto", warnings.append) == first
+    assert len(warnings) == 1 and str(second) in warnings[0] and broken.name in warnings[0]
+
+
+def test_explicit_resume_of_a_damaged_checkpoint_is_an_error(tmp_path):
+    path = _save(tmp_path, 2)
+    (path / "rank_0.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="rank_0.pt is missing"):
+        checkpoint.find_resume(tmp_path, str(path))
+
+
+def test_pruning_removes_the_marker_before_the_files(tmp_path, monkeypatch):
+    old = _save(tmp_path, 2, keep_last=1)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the job is killed while the old checkpoint's files are being deleted
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 4, keep_last=1)
+    monkeypatch.undo()
+    assert old.exists() and not (old / checkpoint.MARKER).exists()  # half-deleted: never COMPLETE
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000004"]
