@@ -18,9 +18,9 @@ import torch
 
 import retro
 from benchmarks.common import print_table, write_results
+from retro.distributed.hardware import peak_flops
 from retro.distributed.parallelize import ParallelSettings, parallelize
 from retro.model.flops import FlopModel
-from retro.planning.hardware import peak_flops
 from retro.planning.shapes import PRESETS  # the paper's models, here with random weights
 
 

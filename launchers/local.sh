@@ -5,8 +5,13 @@
 #   RETRO_NPROC_PER_NODE=2 launchers/local.sh --dry-run configs/X.toml   # print the command only
 #
 # Resumes from the newest complete checkpoint (`--resume auto`) unless --resume is given.
+# Exits with the trainer's own code (0 done, 2 bad config or input, 3 non-finite steps, 85
+# checkpointed after SIGTERM/SIGUSR1): torchrun reports any failed worker as 1, so each worker
+# (launchers/worker.py) records its code and this script reads them back, as node.sh does.
+# SIGTERM and SIGUSR1 sent to this script are forwarded to the training processes.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+LAUNCHERS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 if [[ ${1:-} == --dry-run ]]; then
     export RETRO_DRY_RUN=1
@@ -16,9 +21,37 @@ fi
 [[ -f $1 ]] || retro_die "config file $1 not found"
 NPROC=$(retro_gpus_per_node)
 retro_train_args "$@"
-CMD=("$RETRO_TORCHRUN" --standalone --nnodes=1 --nproc_per_node="$NPROC" -m retro.train "${TRAIN_ARGS[@]}")
+CMD=("$RETRO_TORCHRUN" --standalone --nnodes=1 --nproc_per_node="$NPROC" "$LAUNCHERS/worker.py" "${TRAIN_ARGS[@]}")
 if retro_is_dry_run; then
     retro_quote "${CMD[@]}"
     exit 0
 fi
-exec "${CMD[@]}"
+
+RETRO_EXIT_DIR=$(mktemp -d "${TMPDIR:-/tmp}/retro-exit.XXXXXX")  # launchers/worker.py writes rank_<RANK> here
+export RETRO_EXIT_DIR
+trap 'rm -rf "$RETRO_EXIT_DIR"' EXIT
+# worker.py runs as a script: import retro from this checkout, as `-m retro.train` from its root would
+export PYTHONPATH=${LAUNCHERS%/*}${PYTHONPATH:+:$PYTHONPATH}
+"${CMD[@]}" &
+TORCHRUN_PID=$!
+forward() {
+    echo "retro local: $1 received; forwarding to the training processes" >&2
+    pkill "-$1" -P "$TORCHRUN_PID" || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+trap : INT  # Ctrl-C reaches torchrun and the workers directly; keep waiting for their exit codes
+status=0
+while true; do  # `wait` returns early (> 128) when a trapped signal arrives: wait again
+    wait "$TORCHRUN_PID" && status=0 || status=$?
+    kill -0 "$TORCHRUN_PID" 2>/dev/null || break
+done
+
+requeue=0
+shopt -s nullglob
+for file in "$RETRO_EXIT_DIR"/rank_*; do
+    code=$(<"$file")
+    if [[ $code == 85 ]]; then requeue=1; elif [[ $code != 0 ]]; then exit "$code"; fi
+done
+(( requeue )) && exit 85
+exit "$status"

@@ -1,20 +1,26 @@
 """`python -m retro.convert`: turn a local Hugging Face decoder into a depth-recurrent checkpoint.
 
-Everything that can be wrong with the request is checked before any weight is read.
+Everything that can be wrong with the request is checked before any weight is read. The output is
+written into `.OUT.partial` beside OUT and renamed to OUT only once complete, so a failed (re-)convert
+leaves the previous OUT as it was; OUT may not be, contain or lie inside the source model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
 from retro.hf.archs import architecture_for
+from retro.hf.gguf import open_gguf
 from retro.hf.surgery import LayerPlan, build_state_dict, plan_from_ranges, plan_from_shape, static_plan
 from retro.hf.weights import WeightReader, save_sharded
 from retro.model.adapter import Adapter
@@ -33,11 +39,47 @@ TOKENIZER_FILES = (
 )
 
 
-def _check_output_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise FileExistsError(f"output directory {out_dir} exists and is not empty; pass --force to overwrite it")
-        shutil.rmtree(out_dir)
+def check_output_dir(out_dir: Path, force: bool, keep: dict[str, Path]) -> None:
+    """Refuse an --out that is a file, non-empty without --force, or that is, holds or lies inside a
+    directory of `keep` ({what: path}: inputs the command must not replace or write into)."""
+    out = out_dir.resolve()
+    for what, path in keep.items():
+        other = path.resolve()
+        if out == other:
+            raise ValueError(f"--out {out_dir} is {what} {path}; write the output to a separate directory")
+        if other.is_relative_to(out):
+            raise ValueError(f"--out {out_dir} contains {what} {path}; replacing it would delete it")
+        if out.is_relative_to(other):
+            raise ValueError(f"--out {out_dir} is inside {what} {path}; write the output outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"output directory {out_dir} exists and is not empty; pass --force to overwrite it")
+
+
+@contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """Yield `.OUT.partial` beside OUT to write into; on success it replaces OUT, on failure it is removed
+    and OUT stays as it was."""
+    out_dir = out_dir.resolve()
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
 
 
 def _load_source_config(model_dir: Path):
@@ -45,7 +87,10 @@ def _load_source_config(model_dir: Path):
         raise FileNotFoundError(f"source model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face checkpoint directory")
-    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{model_dir / 'config.json'}: not a JSON object ({error})") from None
     arch = architecture_for(model_type)
     return AutoConfig.from_pretrained(model_dir), arch
 
@@ -71,6 +116,7 @@ def convert(
     default_recurrences: int = 1,
     force: bool = False,
     seed: int = 0,
+    gguf_file: str | None = None,
 ) -> dict:
     """Write a RetroForCausalLM checkpoint (config, safetensors, tokenizer files); return a summary."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -80,7 +126,9 @@ def convert(
         raise ValueError(f"--adapter-init must be identity or default, got {adapter_init!r}")
     if state_init not in STATE_INITS:
         raise ValueError(f"--state-init must be one of {STATE_INITS}, got {state_init!r}")
-    hf_config, arch = _load_source_config(model_dir)
+    check_output_dir(out_dir, force, {"the source model": model_dir})
+    gguf = open_gguf(model_dir, gguf_file)  # None: a safetensors checkpoint directory
+    hf_config, arch = gguf.config_and_architecture() if gguf else _load_source_config(model_dir)
     num_layers = hf_config.num_hidden_layers
     plan: LayerPlan = (
         static_plan(num_layers)
@@ -89,8 +137,7 @@ def convert(
         if layers
         else plan_from_shape(num_layers, *shape)
     )
-    _check_output_dir(out_dir, force)
-    reader = WeightReader(model_dir)
+    reader = gguf.weights() if gguf else WeightReader(model_dir)
 
     fields = arch.config_fields(hf_config)
     config = RetroConfig(
@@ -113,18 +160,10 @@ def convert(
             tensors["model.embed_tokens.weight"].dtype
         )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     config.dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-    config.save_pretrained(out_dir)
-    save_sharded(tensors, out_dir)
-    copied = [
-        name
-        for name in TOKENIZER_FILES
-        if (model_dir / name).is_file() and shutil.copy2(model_dir / name, out_dir / name)
-    ]
-
+    copied = [name for name in TOKENIZER_FILES if not gguf and (model_dir / name).is_file()]
     zero_rows = (tensors["model.embed_tokens.weight"].abs().sum(dim=1) == 0).nonzero().flatten().tolist()
-    source_params = sum(reader.get(n).numel() for n in reader.file_of)
+    source_params = sum(math.prod(reader.shape(n)) for n in reader.file_of)
     summary = {
         "source": str(model_dir),
         "out": str(out_dir),
@@ -141,7 +180,14 @@ def convert(
         "tokenizer_files": copied,
         "zero_embedding_rows": zero_rows,
     }
-    (out_dir / "conversion.json").write_text(json.dumps(summary, indent=2))
+    with staged_output(out_dir) as tmp:
+        config.save_pretrained(tmp)
+        save_sharded(tensors, tmp)
+        for name in copied:
+            shutil.copy2(model_dir / name, tmp / name)
+        if gguf:  # the tokenizer is rebuilt from the GGUF's metadata
+            summary.update(gguf.save_tokenizer(tmp))
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -157,6 +203,8 @@ def format_summary(s: dict) -> str:
         f"{s['adapter_init']})",
         f"  tokenizer files copied: {', '.join(s['tokenizer_files']) or 'none'}",
     ]
+    if s.get("tokenizer_note"):
+        lines.append(f"  WARNING: {s['tokenizer_note']}")
     if s["zero_embedding_rows"]:
         # A token whose embedding is exactly zero keeps a zero residual stream at the start of a row;
         # every RMSNorm then multiplies its gradient by 1/sqrt(eps), and training steps overflow.
@@ -169,7 +217,8 @@ def format_summary(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retro.convert", description=__doc__)
-    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory or a .gguf file")
+    parser.add_argument("--gguf-file", help="read this GGUF file inside the --model directory (needs retro[gguf])")
     parser.add_argument("--out", required=True, help="output directory for the recurrent checkpoint")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--shape", help="P,R,C: first P layers, last C layers, the R layers before the coda")
@@ -179,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-init", default="trunc_normal", choices=list(STATE_INITS))
     parser.add_argument("--default-recurrences", type=int, default=1, help="r used when a caller passes none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the default adapter init")
-    parser.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
     try:
         summary = convert(
@@ -193,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             default_recurrences=args.default_recurrences,
             force=args.force,
             seed=args.seed,
+            gguf_file=args.gguf_file,
         )
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         print(f"retro.convert: error: {error}", file=sys.stderr)

@@ -1,6 +1,11 @@
 """`python -m retro.export RUN_OR_CHECKPOINT --out HF_DIR`: a training checkpoint -> a Hugging Face
 directory (config.json + safetensors + tokenizer files) that `RetroForCausalLM.from_pretrained` and
 `AutoModelForCausalLM.from_pretrained` (after `import retro`) load.
+
+A checkpoint is read together with its run directory (RUN/checkpoints/step_N beside RUN/config.json
+and RUN/model_config/); the tokenizer files come from the run's model.path (the `retro.convert`
+directory) or --tokenizer. HF_DIR is written beside itself and renamed into place once complete, and
+may not be, contain or lie inside the run, the converted model or the tokenizer source.
 """
 
 from __future__ import annotations
@@ -12,37 +17,80 @@ import shutil
 import sys
 from pathlib import Path
 
-from retro.convert import TOKENIZER_FILES
+from retro.convert import TOKENIZER_FILES, check_output_dir, staged_output
 from retro.model.config import RetroConfig
 from retro.model.modeling import RetroForCausalLM
 from retro.training import checkpoint
+
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # at least one makes a loadable tokenizer
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     """(checkpoint dir, run dir) from either a run directory or one of its checkpoints."""
     if (path / checkpoint.MARKER).is_file():
-        return path, path.parent.parent
-    found = checkpoint.complete_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a run directory with one")
-    return found[-1], path
+        ckpt, run = path, path.parent.parent
+        if path.parent.name != "checkpoints" or not (run / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: this checkpoint is not inside its run directory (RUN/checkpoints/{path.name} beside "
+                f"RUN/config.json and RUN/model_config/), which holds the model's config; export the run directory, "
+                f"or move the checkpoint back into it"
+            )
+    else:
+        found = checkpoint.complete_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a run directory with one")
+        ckpt, run = found[-1], path
+    for need in (run / "config.json", run / "model_config" / "config.json"):
+        if not need.is_file():
+            raise FileNotFoundError(f"{need} is missing: {run} is not a complete run directory")
+    return ckpt, run
 
 
-def export(source: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+def read_run_config(run: Path) -> tuple[float, Path]:
+    """(recurrence.max_mean, model.path) from the run's config.json, each named when absent."""
+    path = run / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        return float(config["recurrence"]["max_mean"]), Path(config["model"]["path"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path}: not the config a `retro.train` run wrote (no recurrence.max_mean or model.path: {error!r}); "
+            f"was it overwritten?"
+        ) from None
+
+
+def tokenizer_files(source: Path, named_by: str) -> list[str]:
+    """The tokenizer files in `source`; an error when there are none (an export would not be usable)."""
+    if not source.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer source {source} ({named_by}) does not exist; pass --tokenizer DIR with the tokenizer files"
+        )
+    if not any((source / name).is_file() for name in VOCABULARY_FILES):
+        raise FileNotFoundError(
+            f"tokenizer source {source} ({named_by}) has no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); "
+            f"pass --tokenizer DIR with the tokenizer files"
+        )
+    return [name for name in TOKENIZER_FILES if (source / name).is_file()]
+
+
+def export(source: str | Path, out_dir: str | Path, force: bool = False, tokenizer: str | Path | None = None) -> Path:
     ckpt, run = resolve_checkpoint(Path(source))
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"output directory {out_dir} exists and is not empty; pass --force to overwrite it")
+    max_mean, model_path = read_run_config(run)
+    tok_source = Path(tokenizer) if tokenizer else model_path
+    names = tokenizer_files(tok_source, "--tokenizer" if tokenizer else f"model.path of {run / 'config.json'}")
+    keep = {"the run directory": run, "the checkpoint": ckpt, "the tokenizer source": tok_source}
+    if model_path.is_dir():
+        keep["the run's model.path"] = model_path
+    check_output_dir(out_dir, force, keep)
     config = RetroConfig.from_pretrained(run / "model_config")
-    run_config = json.loads((run / "config.json").read_text())
-    config.default_recurrences = max(1, math.ceil(run_config["recurrence"]["max_mean"]))
+    config.default_recurrences = max(1, math.ceil(max_mean))
     model = RetroForCausalLM(config)
     checkpoint.load_model_only(ckpt, model)
-    model.save_pretrained(out_dir)
-    source_model = Path(run_config["model"]["path"])
-    for name in TOKENIZER_FILES:
-        if (source_model / name).is_file():
-            shutil.copy2(source_model / name, out_dir / name)
+    with staged_output(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        for name in names:
+            shutil.copy2(tok_source / name, tmp / name)
     return ckpt
 
 
@@ -50,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retro.export", description=__doc__)
     parser.add_argument("source", help="a run directory (its newest complete checkpoint) or a checkpoint directory")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument(
+        "--tokenizer", help="directory to copy the tokenizer files from (default: the run's model.path)"
+    )
     args = parser.parse_args(argv)
     try:
-        ckpt = export(args.source, args.out, args.force)
+        ckpt = export(args.source, args.out, args.force, args.tokenizer)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"retro.export: error: {error}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from retro.planning.hardware import GPUS
+from retro.distributed.hardware import GPUS
 from retro.planning.report import format_plan, plan
 from retro.planning.shapes import PRESETS, model_shape
 from retro.training.job_config import ConfigError, load_config, split_cli_overrides

@@ -4,7 +4,9 @@ A prepared directory holds, per split (`train`, `val`), shards named `{split}-{i
 (raw little-endian token ids, uint16 when the vocabulary fits, else uint32) and
 `{split}-{i:05d}.idx` (raw int64 start offsets of each document inside that shard). The
 manifest records what a reader needs to trust those bytes: dtype, vocabulary size and hash,
-EOS id, tokenizer name, and per-shard token/document counts with SHA-256 checksums.
+EOS id, tokenizer name, whether the tokenizer's special tokens (e.g. a BOS) start each document,
+and per-shard token/document counts with SHA-256 checksums. Fields added later have defaults, so
+older manifests still load (a manifest without `add_special_tokens` was written without them).
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class Manifest:
     chat: bool = False
     val_fraction: float = 0.0
     skipped_empty_docs: int = 0
+    add_special_tokens: bool = False  # the tokenizer's special tokens (add_special_tokens=True) added per document
+    bos_id: int | None = None  # the BOS id each document starts with, if the special tokens included one
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -178,7 +182,8 @@ class Manifest:
             f"manifest      {self.path}",
             f"tokenizer     {self.tokenizer_name} (vocab {self.vocab_size}, hash {self.vocab_hash[:12]}, eos "
             f"{self.eos_id})",
-            f"dtype         {self.np_dtype.name}   append_eos {self.append_eos}   chat {self.chat}",
+            f"dtype         {self.np_dtype.name}   append_eos {self.append_eos}   add_special_tokens "
+            f"{self.add_special_tokens} (bos {self.bos_id})   chat {self.chat}",
             f"source        {self.source} (field {self.text_field!r}), val_fraction {self.val_fraction}",
         ]
         for name, split in self.splits.items():

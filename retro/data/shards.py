@@ -3,6 +3,18 @@
 Shards are concatenated logically; a read at any offset is a couple of numpy slices, with no
 per-token Python work. Memory maps open lazily per process, so the object pickles cheaply
 into DataLoader workers (spawn or fork) without copying data.
+
+How much is checked (`Verify`):
+- "size" (the default, no data read): every file exists with the size the manifest implies;
+  catches truncated, missing and swapped files.
+- while reading, always: the loader checks each batch's ids against the vocabulary (one max()
+  per batch, `retro.data.loader.PackedWindows`), so an id that a same-size corruption pushed
+  beyond the vocabulary stops the run with the shard file and offset, not an IndexError in the
+  embedding hours in.
+- "full": also every SHA-256 checksum and the id range of every shard, before the first step
+  (reads all data once). Use it for long runs: a same-size corruption whose ids stay inside the
+  vocabulary is otherwise trained on silently. `python -m retro.data.inspect_shards DIR --verify`
+  runs the same check by hand.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from retro.data.manifest import DOC_INDEX_DTYPE, Manifest, ShardFormatError, file_sha256, vocab_hash
+from retro.data.manifest import DOC_INDEX_DTYPE, Manifest, ShardFormatError, ShardInfo, file_sha256, vocab_hash
 
 Verify = Literal["none", "size", "full"]
 
@@ -96,6 +108,21 @@ class TokenShards:
                         f"{p}: SHA-256 {got[:16]}... does not match the manifest ({expect[:16]}...); "
                         f"the shard is corrupted or altered, re-run prepare"
                     )
+
+    def locate(self, offset: int) -> tuple[ShardInfo, int]:
+        """The shard holding token `offset` of the concatenated split, and the offset inside it."""
+        i = int(np.searchsorted(self.shard_starts, offset, side="right")) - 1
+        return self.shards[i], offset - int(self.shard_starts[i])
+
+    def out_of_vocabulary(self, offset: int, token: int, limit: int) -> ShardFormatError:
+        """The error for token `token` >= `limit` found at `offset` of the split, naming file and offset."""
+        shard, local = self.locate(offset)
+        return ShardFormatError(
+            f"{self.directory / shard.file}: token id {token} at token offset {local} (byte "
+            f"{local * self.dtype.itemsize}) is beyond the vocabulary size {limit}: the shard is corrupted (its "
+            f"size is right, so the cheap check passed); check every shard with verify='full' or `python -m "
+            f"retro.data.inspect_shards {self.directory} --verify`, and re-run prepare"
+        )
 
     def verify_token_range(self, vocab_size: int | None = None) -> None:
         """Every id must index the embedding; an id beyond it would crash (or worse, not) on GPU."""

@@ -55,21 +55,32 @@ def parse_range(text: str) -> list[int]:
 
 
 def plan_from_ranges(num_layers: int, spec: str) -> LayerPlan:
-    """'a-b,c-d,e-f' -> prelude, block, coda; checked for range and overlap."""
-    parts = spec.split(",")
+    """'a-b,c-d,e-f' -> prelude, block, coda; checked for range, overlap and order.
+
+    The stages run prelude -> block -> coda, so their source layers must ascend in that order (gaps
+    are dropped layers); ranges given out of order would run the source's layers backwards.
+    """
+    parts = [p.strip() for p in spec.split(",")]
     if len(parts) != 3:
         raise ValueError(f"--layers needs three ranges prelude,block,coda (e.g. 0-3,10-17,18-21), got {spec!r}")
-    groups = [parse_range(p.strip()) for p in parts]
-    for name, group in zip(("prelude", "block", "coda"), groups):
+    groups = [parse_range(p) for p in parts]
+    names = ("prelude", "block", "coda")
+    for name, group in zip(names, groups):
         bad = [i for i in group if i < 0 or i >= num_layers]
         if bad:
             raise ValueError(f"--layers: {name} uses layers {bad} but the source model has layers 0..{num_layers - 1}")
     seen: set[int] = set()
-    for name, group in zip(("prelude", "block", "coda"), groups):
+    for name, group in zip(names, groups):
         overlap = seen.intersection(group)
         if overlap:
             raise ValueError(f"--layers: {name} overlaps another range at layers {sorted(overlap)}")
         seen.update(group)
+    for i in (1, 2):
+        if groups[i][0] < groups[i - 1][-1]:
+            raise ValueError(
+                f"--layers: the {names[i]} ({parts[i]}) must come after the {names[i - 1]} ({parts[i - 1]}); "
+                f"give the ranges in source order prelude,block,coda, e.g. 0-3,10-17,18-21"
+            )
     return LayerPlan(*groups)
 
 

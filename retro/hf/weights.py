@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -19,35 +19,46 @@ class WeightReader:
     def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
         self.file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
         index, single = self.model_dir / INDEX_NAME, self.model_dir / SINGLE_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{index}: not a safetensors index with a weight_map ({error})") from None
             missing = sorted({f for f in weight_map.values() if not (self.model_dir / f).is_file()})
             if missing:
                 raise FileNotFoundError(f"{index} names shard files that are missing: {', '.join(missing)}")
             self.file_of = {name: self.model_dir / f for name, f in weight_map.items()}
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self.file_of = {name: single for name in f.keys()}
+            self.file_of = {name: single for name in self._open(single).keys()}
         else:
             raise FileNotFoundError(
                 f"{self.model_dir} has no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are read)"
             )
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(path, framework="pt")
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"{path}: truncated or corrupted safetensors file ({error})") from None
+        return self._handles[path]
+
     def _handle(self, name: str):
         if name not in self.file_of:
             raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
-        path = self.file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path]
+        return self._open(self.file_of[name])
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        handle = self._handle(name)
+        try:
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{self.file_of[name]}: truncated or corrupted safetensors file ({error})") from None
 
     def shape(self, name: str) -> list[int]:
         return list(self._handle(name).get_slice(name).get_shape())

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from retro.kernels.newton_schulz import MUON_COEFFICIENTS
+from retro.optim.lr_schedule import KINDS
 from retro.optim.muon import NS_DTYPES, SCALE_RULES, Muon
-from retro.training.lr_schedule import KINDS
 
 HEAD_NAME = "lm_head"
 PAPER_DECAY_FRACTION = 0.6

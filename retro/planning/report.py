@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from retro.distributed.hardware import GpuSpec
 from retro.model.config import RetroConfig
 from retro.model.flops import FlopModel
 from retro.planning.comm import GPUS_PER_NODE, comm_per_step, feasible_micro_batch
 from retro.planning.compute import run_flops
-from retro.planning.hardware import GpuSpec
 from retro.planning.memory import memory_per_gpu, optimizer_split, sharding_units
 from retro.training.job_config import JobConfig
 

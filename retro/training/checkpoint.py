@@ -9,10 +9,13 @@ usable; a complete one whose files no longer match the recorded sizes is skipped
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,14 @@ def prune(out_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """DCP warns on every single-process save/load that it assumes one process; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -122,7 +133,8 @@ def save(out_dir: Path, step: int, model, optimizer, extra: dict[str, Any], rank
         shutil.rmtree(path)  # a stale incomplete attempt at the same step
     _barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())  # one process: no warning
+    with _single_process_is_intended():
+        dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     torch.save(extra, path / f"rank_{rank}.pt")
     _barrier()
     if rank == 0:
@@ -151,7 +163,8 @@ def load(path: Path, model, optimizer, rank: int, world_size: int) -> dict[str, 
     `reshard_extra`: it holds "sampler" and "reshard" instead of "loader".
     """
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     saved = saved_world_size(path)
@@ -197,7 +210,8 @@ def reshard_extra(extras: list[dict[str, Any]], rank: int, world_size: int, path
 def load_model_only(path: Path, model) -> None:
     """Model weights from a training checkpoint into a plain (unsharded) model, one process."""
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
 
 

@@ -20,21 +20,20 @@ from retro.data.loader import build_train_loader, build_val_batches
 from retro.data.manifest import ShardFormatError
 from retro.data.mixture import Reshard
 from retro.data.shards import TokenShards, check_tokenizer_matches
+from retro.distributed.hardware import peak_flops
 from retro.distributed.setup import all_reduce_mean, build_mesh, compute_dtype, init_distributed
 from retro.model.config import RetroConfig
 from retro.model.flops import FlopModel
 from retro.optim import build_optimizer
-from retro.planning.hardware import peak_flops
 from retro.training.checkpoint import Checkpointer, complete_checkpoints
 from retro.training.errors import ConfigError, TrainingError
 from retro.training.job_config import JobConfig, save_config
-from retro.training.lr_schedule import rebase_learning_rates, scheduler_for
 from retro.training.metrics import MetricsLog, truncate_after
 from retro.training.model_source import build_model, load_model_config
 from retro.training.progress import Progress
 from retro.training.recurrence import RecurrenceSchedule, state_generator
 from retro.training.signals import REQUEUE_EXIT_CODE, SignalFlag
-from retro.training.train_state import TrainState
+from retro.training.train_state import TrainState, rebase_learning_rates, scheduler_for
 from retro.training.validate import validation_losses
 
 BAD_STEPS_EXIT_CODE = 3

@@ -140,8 +140,7 @@ def test_local_dry_run(tmp_path):
         "--standalone",
         "--nnodes=1",
         "--nproc_per_node=2",
-        "-m",
-        "retro.train",
+        str(REPO / "launchers" / "worker.py"),  # the worker records each rank's own exit code
         "--config",
         str(config),
         "--train.steps=3",

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from train_helpers import NUM_WORDS, base_overrides, make_assets, read_metrics, run_train
 from transformers import PreTrainedTokenizerFast
 
+from retro.optim.lr_schedule import lr_multiplier
 from retro.training import checkpoint
-from retro.training.lr_schedule import lr_multiplier
 
 
 @pytest.fixture(scope="module")

@@ -52,12 +52,23 @@ def test_cli_summary_and_outputs(source, tmp_path):
         ({"layers": "0-1,2-3,4-6"}, "coda uses layers \\[6\\]"),
         ({"layers": "0-1,2-3"}, "three ranges"),
         ({"layers": "0-1,3-2,4-5"}, "ends before it starts"),
+        ({"layers": "4-5,2-3,0-1"}, "the block \\(2-3\\) must come after the prelude \\(4-5\\)"),
+        ({"layers": "0-1,4-5,2-3"}, "the coda \\(2-3\\) must come after the block \\(4-5\\)"),
+        ({"layers": "0-0,2-3,1-1"}, "the coda \\(1-1\\) must come after the block \\(2-3\\)"),
+        ({"layers": "3-4,0-1,5-5"}, "the block \\(0-1\\) must come after the prelude \\(3-4\\)"),
     ],
 )
 def test_bad_layer_requests(source, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         convert(source, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_layers_with_gaps_keep_their_order():
+    from retro.hf.surgery import plan_from_ranges
+
+    plan = plan_from_ranges(8, "0-1,3-5,7")
+    assert (plan.prelude, plan.block, plan.coda, plan.dropped(8)) == ([0, 1], [3, 4, 5], [7], [2, 6])
 
 
 def test_unsupported_architecture(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -232,3 +233,31 @@ def test_val_batches_disjoint_and_deterministic(data):
     assert len(build_val_batches(data["low"], T, b, 0, world, max_batches=1)) == 1
     with pytest.raises(ValueError, match=r"low: split 'val' has \d+ windows .* too few"):
         build_val_batches(data["low"], T, 1000, 0, world, max_batches=None)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_same_size_corruption_named_while_reading(data, tmp_path, num_workers):
+    """An id beyond the vocabulary (a flipped high bit: the file keeps its size, so the cheap check passes)
+    stops the loader with the shard file and offset, not an IndexError in the embedding mid-run."""
+    import shutil
+
+    from retro.data.manifest import ShardFormatError
+
+    d = tmp_path / "low"
+    shutil.copytree(data["low"], d)
+    shards = TokenShards(d)
+    bad_shard, offset = shards.shards[1], 37  # any token of the second shard
+    raw = np.fromfile(d / bad_shard.file, dtype=shards.dtype)
+    raw[offset] = shards.vocab_size + 1000
+    raw.tofile(d / bad_shard.file)
+    before = (d / bad_shard.file).read_bytes()
+    pattern = rf"{bad_shard.file}: token id {shards.vocab_size + 1000} at token offset {offset} .*vocabulary size"
+    loader = build_train_loader([d], None, T, 4, 0, 1, seed=0, num_workers=num_workers)
+    epoch = shards.num_windows(T) // 4 + 1
+    with pytest.raises(ShardFormatError, match=pattern):
+        for _ in itertools.islice(loader, epoch):  # some batch of the first epoch covers the bad token
+            pass
+    with pytest.raises(ShardFormatError, match=pattern):
+        for _ in build_val_batches(d, T, 2, 0, 1, split="train"):
+            pass
+    assert (d / bad_shard.file).read_bytes() == before  # read only

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from data_helpers import prepare_dir, random_docs, word_tokenizer, write_jsonl  # noqa: E402
+from data_helpers import CHAT_TEMPLATE, prepare_dir, random_docs, word_tokenizer, write_jsonl  # noqa: E402
 
 from retro.data import inspect_shards as inspect_cli  # noqa: E402
 from retro.data.manifest import Manifest, ShardFormatError, vocab_hash  # noqa: E402
@@ -257,3 +257,72 @@ def test_inspect_decodes(prepared16, capsys):
     text = capsys.readouterr().out
     assert "checksums and id range OK" in text and "split train" in text
     assert docs[0] in text and docs[9] in text  # first train doc and first val doc, decoded
+
+
+# --- special tokens: a BOS per document by default, as the paper's add_special_tokens=True -----------
+def bos_tokenizer(directory: Path, num_words: int = 20, chat: bool = False) -> Path:
+    """Llama-like: a post-processor puts [BOS] before every encoded text (add_special_tokens=True)."""
+    from tokenizers import processors
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, "[BOS]": 2, **{f"w{i}": i + 3 for i in range(num_words)}}
+    if chat:
+        vocab.update({"<|user|>": len(vocab), "<|assistant|>": len(vocab) + 1})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", bos_token="[BOS]")
+    if chat:  # a Llama-style template that writes the BOS itself
+        fast.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def test_bos_added_per_document_by_default(tmp_path):
+    tok = bos_tokenizer(tmp_path / "tok")
+    src = write_jsonl(tmp_path / "in.jsonl", ["w1 w2", "", "w3"])  # the empty document stays skipped
+    out = prepare_dir(tmp_path / "out", [src], tok, "--val-fraction", "0")
+    s = TokenShards(out)
+    assert [s.document(k).tolist() for k in range(s.num_docs)] == [[2, 4, 5, 1], [2, 6, 1]]
+    assert s.manifest.add_special_tokens is True and s.manifest.bos_id == 2 and s.manifest.skipped_empty_docs == 1
+    assert json.loads((out / "manifest.json").read_text())["add_special_tokens"] is True
+    off = prepare_dir(tmp_path / "off", [src], tok, "--val-fraction", "0", "--no-add-special-tokens")
+    s = TokenShards(off)
+    assert [s.document(k).tolist() for k in range(s.num_docs)] == [[4, 5, 1], [6, 1]]
+    assert s.manifest.add_special_tokens is False and s.manifest.bos_id is None
+
+
+def test_bos_matches_the_tokenizers_own_special_tokens(tmp_path):
+    """The documents are exactly what tokenizer(text, add_special_tokens=True) gives, plus EOS."""
+    tok = bos_tokenizer(tmp_path / "tok", num_words=100)
+    docs = random_docs(30, 100, seed=4)
+    out = prepare_dir(tmp_path / "out", [write_jsonl(tmp_path / "in.jsonl", docs)], tok, "--val-fraction", "0")
+    tk = AutoTokenizer.from_pretrained(tok)
+    s = TokenShards(out)
+    assert [s.document(k).tolist() for k in range(s.num_docs)] == [tk(t)["input_ids"] + [1] for t in docs]
+
+
+def test_no_bos_tokenizer_unchanged(tmp_path, tok16):
+    src = write_jsonl(tmp_path / "in.jsonl", ["w1 w2", "w3"])
+    out = prepare_dir(tmp_path / "out", [src], tok16, "--val-fraction", "0")
+    s = TokenShards(out)
+    assert s.read(0, s.num_tokens).tolist() == [3, 4, 1, 5, 1]  # nothing added: the tokenizer has no BOS
+    assert s.manifest.add_special_tokens is True and s.manifest.bos_id is None
+
+
+def test_chat_template_with_bos_gets_one_bos(tmp_path):
+    tok = bos_tokenizer(tmp_path / "tok", chat=True)
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": "w1"}]}) + "\n")
+    s = TokenShards(prepare_dir(tmp_path / "out", [src], tok, "--chat", "--val-fraction", "0"))
+    doc = s.document(0).tolist()
+    assert doc[0] == 2 and doc.count(2) == 1 and doc[-1] == 1
+
+
+def test_manifest_without_special_token_fields_reads_as_false(prepared16, tmp_path):
+    d = copy_prepared(prepared16[0], tmp_path / "old")
+    raw = json.loads((d / "manifest.json").read_text())
+    for key in ("add_special_tokens", "bos_id"):
+        raw.pop(key, None)
+    (d / "manifest.json").write_text(json.dumps(raw))
+    m = Manifest.load(d)
+    assert m.add_special_tokens is False and m.bos_id is None

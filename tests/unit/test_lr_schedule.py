@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from retro.training.lr_schedule import build_scheduler, lr_multiplier
+from retro.optim.lr_schedule import build_scheduler, lr_multiplier
 
 PAPER = dict(total_steps=50_000, warmup_steps=125, decay_steps=30_000, kind="wsd", min_ratio=0.001)
 
