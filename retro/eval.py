@@ -1,12 +1,18 @@
 """`python -m retro.eval`: task accuracy or validation loss of retro checkpoints at several test recurrences.
 
     python -m retro.eval --model ckpt/recurrent --model ckpt/static --task gsm8k \\
-        --data gsm8k/test.jsonl --recurrences 1,2,4,8,16,32 --limit 200 --out eval/gsm8k
+        --data gsm8k/test.jsonl --recurrences 1,2,4,8,16,32 --out eval/gsm8k
 
-writes results.json (per-recurrence metrics and per-example records), results.md (a table) and
-<task>.png (metric vs r, one line per model; a static checkpoint is a flat line). Nothing is fetched:
---data is a local jsonl (GSM8K: question/answer; MATH-500: problem/answer) or, for --task loss, a
-directory of prepared token shards.
+writes results.json (per-recurrence metrics and per-example records with the full prompt, like lm-eval's
+--log_samples), results.md (a table) and <task>.png (metric vs r, one line per model; a static checkpoint
+is a flat line). --data is a local jsonl (GSM8K: question/answer; MATH: problem/solution, MATH-500's
+problem/answer too), a directory of them (or of the original MATH release's json files), a hub dataset
+`hf:NAME[:CONFIGS]` read through `datasets` (e.g. hf:EleutherAI/hendrycks_math: the 7 subjects, 5,000
+problems), or, for --task loss, a directory of prepared token shards.
+
+The defaults are the paper's lm-eval settings (docs/eval.md): 1-shot, BOS added, greedy, at most 256 new
+tokens, prompts left-truncated so prompt + generation fit --max-length 1024, GSM8K as lm-eval's
+gsm8k_cot_sean and MATH as minerva_math, scored like lm-eval (tests/unit/test_eval_oracle.py).
 
 The initial state s0 is drawn from the checkpoint's `state_init` (the paper's truncated normal by
 default) with a generator seeded by --seed, so a run is reproducible; --state-init overrides it
@@ -28,7 +34,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from retro.inference.generate import GenerationSettings, generate_text
-from retro.inference.tasks import TASKS, Task
+from retro.inference.task_base import LM_EVAL_VERSIONS, Task
+from retro.inference.tasks import TASKS
 from retro.model.config import STATE_INITS, RetroConfig
 from retro.model.modeling import RetroForCausalLM
 
@@ -66,11 +73,18 @@ def load_model(path: str | Path, state_init: str | None, device: str, dtype: tor
     return RetroForCausalLM.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
 
 
-def _load_tokenizer(path: str | Path):
+def _load_tokenizer(path: str | Path, add_bos: bool = True):
+    """The checkpoint's tokenizer; add_bos loads it with add_bos_token=True, as lm-eval's model arg does."""
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **({"add_bos_token": True} if add_bos else {}))
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"no usable tokenizer in {path}: {error}") from None
+
+
+def stop_strings(task: Task, tokenizer) -> tuple[str, ...]:
+    """The task's stop strings plus the tokenizer's EOS text, as lm-eval adds it to `until`."""
+    eos = tokenizer.eos_token
+    return task.stop_strings + ((eos,) if eos and eos not in task.stop_strings else ())
 
 
 def eval_generation(model, tokenizer, task: Task, r: int, args: argparse.Namespace, label: str) -> dict:
@@ -81,27 +95,48 @@ def eval_generation(model, tokenizer, task: Task, r: int, args: argparse.Namespa
         adaptive_exit=args.adaptive_exit,
         seed=args.seed,
     )
+    stops = stop_strings(task, tokenizer)
     examples = task.examples
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
     records: list[dict | None] = [None] * len(examples)
     passes_sum = tokens_sum = 0.0
     for start in tqdm(range(0, len(order), args.batch_size), desc=f"{label} r={r}", unit="batch", leave=False):
         idx = order[start : start + args.batch_size]
-        completions = generate_text(model, tokenizer, [examples[i].prompt for i in idx], settings, task.stop_strings)
+        completions = generate_text(
+            model, tokenizer, [examples[i].prompt for i in idx], settings, stops, args.add_bos, args.max_length or None
+        )
         for i, c in zip(idx, completions):
             records[i] = {
                 "index": i,
+                "prompt": examples[i].prompt,
+                "prompt_tokens": c.prompt_tokens,
+                "truncated": c.truncated,
                 "reference": examples[i].reference,
+                **({"subject": examples[i].doc["subject"]} if "subject" in examples[i].doc else {}),
                 "completion": c.text,
                 "tokens": c.num_tokens,
                 "mean_passes": c.mean_passes,
-                **task.score(c.text, examples[i].reference),
+                **task.score(c.text, examples[i]),
             }
             passes_sum += c.mean_passes * c.num_tokens
             tokens_sum += c.num_tokens
-    metrics = {m: sum(bool(rec[m]) for rec in records) / len(records) for m in task.metrics}
     mean_passes = passes_sum / tokens_sum if tokens_sum else float(r)
-    return {"metrics": metrics, "mean_passes": mean_passes if model.config.is_recurrent else 0, "examples": records}
+    result = {"metrics": _means(records, task.metrics), "mean_passes": mean_passes if model.config.is_recurrent else 0}
+    subjects = sorted({rec["subject"] for rec in records if "subject" in rec})
+    if len(subjects) > 1:  # e.g. the 7 MATH subjects; "metrics" is their size-weighted mean, as lm-eval's group
+        result["subjects"] = {
+            s: {
+                "n": sum(rec.get("subject") == s for rec in records),
+                **_means([rec for rec in records if rec.get("subject") == s], task.metrics),
+            }
+            for s in subjects
+        }
+    result["examples"] = records
+    return result
+
+
+def _means(records: list[dict], metrics) -> dict[str, float]:
+    return {m: sum(bool(rec[m]) for rec in records) / len(records) for m in metrics}
 
 
 @torch.no_grad()
@@ -165,12 +200,16 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_length and args.task != "loss" and args.max_length <= args.max_new_tokens:
+        raise ValueError(f"--max-length {args.max_length} must exceed --max-new-tokens {args.max_new_tokens}")
     if args.task == "loss":
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"--task loss needs a directory of prepared shards; {args.data} is not a directory")
         task, metrics = None, ("loss",)
     else:
-        task = TASKS[args.task](args.data, args.limit, args.fewshot, args.fewshot_data)
+        task = TASKS[args.task](
+            args.data, args.limit, args.fewshot, args.fewshot_data, lm_eval_version=args.lm_eval_version
+        )
         metrics = task.metrics
     dtype = getattr(torch, args.dtype)
     results = {
@@ -185,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     for path, label in zip(args.model, _labels(args.model)):
         model = load_model(path, args.state_init, args.device, dtype)
-        tokenizer = _load_tokenizer(path) if task is not None else None
+        tokenizer = _load_tokenizer(path, args.add_bos) if task is not None else None
         static = not model.config.is_recurrent
         entry = {"model": str(path), "label": label, "static": static, "runs": []}
         for r in recurrences[:1] if static else recurrences:
@@ -236,15 +275,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", action="append", required=True, help="retro checkpoint directory (repeat for several models)"
     )
     p.add_argument("--task", required=True, choices=[*TASKS, "loss"])
-    p.add_argument("--data", required=True, help="local jsonl (gsm8k, math) or prepared shard directory (loss)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="jsonl file, directory of jsonl/json files or hf:NAME[:CONFIGS] (gsm8k, math); shard directory (loss)",
+    )
     p.add_argument(
         "--recurrences", default="1,2,4,8,16,32", help="comma-separated test recurrences (max r with --adaptive-exit)"
     )
     p.add_argument("--limit", type=int, default=None, help="first N problems (loss: N batches)")
-    p.add_argument("--fewshot", type=int, default=1, help="number of exemplars in the prompt")
-    p.add_argument("--fewshot-data", default=None, help="jsonl to draw exemplars from (default: built-in ones)")
+    p.add_argument("--fewshot", type=int, default=1, help="number of exemplars in the prompt (the paper: 1)")
+    p.add_argument(
+        "--fewshot-data", default=None, help="jsonl to take the first --fewshot exemplars from (default: lm-eval's)"
+    )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (lm-eval's max_gen_toks)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="prompt + generation budget in tokens: prompts keep their last (max-length - max-new-tokens) tokens, "
+        "as lm-eval's max_length (the paper: 1024); 0 = no truncation",
+    )
+    p.add_argument(
+        "--add-bos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start every prompt with BOS (lm-eval's add_bos_token=True, as the paper ran it)",
+    )
+    p.add_argument(
+        "--lm-eval-version",
+        choices=LM_EVAL_VERSIONS,
+        default=LM_EVAL_VERSIONS[0],
+        help="whose minerva_math exemplars and answer normalisation --task math reproduces (the paper's lock file: "
+        "0.4.11); GSM8K is the same in both",
+    )
     p.add_argument("--adaptive-exit", type=float, default=None, metavar="THRESH", help="per-token KL exit threshold")
     p.add_argument(
         "--share-kv-cache", action="store_true", help="keep only the last pass's block K/V (r x less memory)"
@@ -264,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv)
     try:
         results = run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"retro.eval: error: {error}", file=sys.stderr)
         return 2
     paths = write_outputs(results, Path(args.out))

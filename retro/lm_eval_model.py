@@ -1,7 +1,11 @@
 """lm-evaluation-harness adapter: `--model retro` runs a retro checkpoint at a chosen test recurrence.
 
     python -m retro.lm_eval_model --model retro \\
-        --model_args pretrained=ckpt/recurrent,recurrences=32 --tasks gsm8k_cot --num_fewshot 1
+        --model_args pretrained=ckpt/recurrent,recurrences=32,add_bos_token=True,max_length=1024 \\
+        --tasks gsm8k_cot_sean,minerva_math --num_fewshot 1
+
+The paper's GSM8K task `gsm8k_cot_sean` ships with retro (retro/inference/lm_eval_tasks/); this CLI adds
+that folder as --include_path when none is given (see docs/eval.md for the paper's commands).
 
 This module wraps lm_eval's own CLI after registering the "retro" model class (the `lm_eval`
 console script would not import retro). From Python, pass `RetroLM(pretrained=..., recurrences=8)`
@@ -19,6 +23,7 @@ from lm_eval.models.huggingface import HFLM
 
 import retro  # noqa: F401  (registers RetroConfig / RetroForCausalLM with the Auto classes)
 from retro.inference.generate import GenerationSettings, StopStrings, generate
+from retro.inference.task_base import LM_EVAL_TASKS_DIR
 
 
 @register_model("retro")
@@ -62,9 +67,11 @@ class RetroLM(HFLM):
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs
     ) -> torch.Tensor:
-        """Context [B, T] arrives left-padded without a mask: leading pad tokens are the padding."""
+        """Context [B, T] arrives left-padded, with lm-eval's attention mask (or without: leading pads are padding)."""
         pad = self.tokenizer.pad_token_id
-        mask = (context != pad).long().cumsum(-1) > 0 if pad is not None else torch.ones_like(context, dtype=torch.bool)
+        mask = generation_kwargs.pop("attention_mask", None)
+        if mask is None:
+            mask = (context != pad).cumsum(-1) > 0 if pad is not None else torch.ones_like(context, dtype=torch.bool)
         temperature = float(generation_kwargs.get("temperature", 0.0) or 0.0)
         do_sample = bool(generation_kwargs.get("do_sample", False)) and temperature > 0
         settings = GenerationSettings(
@@ -91,9 +98,21 @@ class RetroLM(HFLM):
         return torch.cat([context.to(out.tokens.device), out.tokens], dim=1)
 
 
+def with_default_include_path(argv: list[str]) -> list[str]:
+    """argv plus `--include_path <retro's task folder>` unless it names one (lm-eval takes a single path)."""
+    if any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        return list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        return list(argv)
+    return [*argv, "--include_path", str(LM_EVAL_TASKS_DIR)]
+
+
 def main() -> None:
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
+    sys.argv[1:] = with_default_include_path(sys.argv[1:])
     cli_evaluate()
 
 

@@ -294,6 +294,8 @@ class Completion:
     text: str
     num_tokens: int
     mean_passes: float
+    prompt_tokens: int = 0  # prompt length in tokens after BOS and truncation
+    truncated: bool = False  # the prompt lost tokens on the left to fit `max_length`
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -302,35 +304,67 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str], add_bos: bool | None = None) -> list[list[int]]:
+    """Token ids of each prompt, unpadded. add_bos None: the tokenizer's own special tokens; True: also make
+    sure the row starts with BOS (as lm-eval's add_bos_token=True; a prompt already starting with the BOS
+    text is left alone); False: no special tokens."""
+    bos_id, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    rows = []
+    for prompt in prompts:
+        has_bos_text = bool(bos_text) and prompt.startswith(bos_text)
+        ids = tokenizer(prompt, add_special_tokens=add_bos is not False and not has_bos_text)["input_ids"]
+        if add_bos and bos_id is not None and not has_bos_text and (not ids or ids[0] != bos_id):
+            ids = [bos_id, *ids]
+        rows.append(list(ids))
+    return rows
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids left-padded with `pad_token_id` and the bool mask of real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], dtype=torch.bool)
+    return ids, mask
+
+
 def generate_text(
     model: RetroForCausalLM,
     tokenizer,
     prompts: Sequence[str],
     settings: GenerationSettings,
     stop_strings: Sequence[str] = (),
+    add_bos: bool | None = None,
+    max_length: int | None = None,
 ) -> list[Completion]:
-    """Tokenize with left padding, decode, and return completions cut at the first stop string."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    """Tokenize, left-pad, decode, and return completions cut at the first stop string.
+
+    Padding is done here, not by the tokenizer, so tokenizers without a pad token work (the pad id is only a
+    filler: the mask hides it). `max_length` bounds prompt + generation as lm-eval does: prompts keep their
+    last `max_length - max_new_tokens` tokens. `add_bos` is as in `encode_prompts`.
+    """
+    rows = encode_prompts(tokenizer, prompts, add_bos)
+    lengths = [len(r) for r in rows]
+    if max_length is not None:
+        budget = max_length - settings.max_new_tokens
+        if budget < 1:
+            raise ValueError(
+                f"max_length {max_length} leaves no room for a prompt next to max_new_tokens {settings.max_new_tokens}"
+            )
+        rows = [r[-budget:] for r in rows]
+    if any(not r for r in rows):
+        raise ValueError("an empty prompt (no tokens): give it some text or add BOS")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+    ids, mask = left_pad(rows, pad)
     out = generate(
-        model,
-        enc["input_ids"],
-        enc["attention_mask"],
-        settings,
-        eos_ids,
-        pad,
-        StopStrings(tokenizer, stop_strings) if stop_strings else None,
+        model, ids, mask, settings, eos_ids, pad, StopStrings(tokenizer, stop_strings) if stop_strings else None
     )
     completions = []
     for b, n in enumerate(out.num_generated):
-        ids = out.tokens[b, :n].tolist()
-        text = truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings)
-        completions.append(Completion(text, n, float(out.passes[b, :n].float().mean()) if n else 0.0))
+        tokens = out.tokens[b, :n].tolist()
+        text = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings)
+        mean = float(out.passes[b, :n].float().mean()) if n else 0.0
+        completions.append(Completion(text, n, mean, len(rows[b]), len(rows[b]) < lengths[b]))
     return completions

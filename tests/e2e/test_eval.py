@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from retro.convert import convert
 from retro.eval import main, parse_recurrences
-from retro.inference.tasks import extract_flexible, extract_strict, last_boxed, math_equal, numbers_equal
+from retro.inference.gsm8k import GSM8K_EXEMPLARS
 
 GSM8K_ROWS = [
     {
@@ -22,18 +22,33 @@ GSM8K_ROWS = [
     }
     for a, b in [(2, 3), (10, 5), (7, 1), (1200, 34), (6, 6)]
 ]
-MATH_ROWS = [{"problem": f"Compute ${a} + {a}$.", "answer": str(2 * a)} for a in range(1, 6)]
+MATH_ROWS = [
+    {
+        "problem": f"Compute ${a} + {a}$.",
+        "solution": f"We add: ${a} + {a} = \\boxed{{{2 * a}}}$.",
+        "answer": str(2 * a),
+        "subject": "Algebra" if a % 2 else "Prealgebra",
+    }
+    for a in range(1, 6)
+]
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character, ids 0-3 for pad/bos/eos/unk (the tiny models' ids)."""
+def char_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, ids 0-3 for pad/bos/eos/unk (the tiny models' ids);
+    pad=False: no pad token (Llama-2/3 style), id 0 unused."""
     chars = sorted(set(string.printable) - set("\x0b\x0c\r\t"))
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    if not pad:
+        del vocab["<pad>"]
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        **({"pad_token": "<pad>"} if pad else {}),
     )
 
 
@@ -63,6 +78,33 @@ def run_eval(capsys, *args) -> tuple[int, str, str]:
     return rc, captured.out, captured.err
 
 
+def lm_eval_gsm8k(completion: str, reference: str) -> dict:
+    """lm-eval's filters and exact_match, configured from the shipped YAML, on one completion (the oracle)."""
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+    from lm_eval.filters.selection import TakeFirstFilter
+
+    from retro.inference.task_base import LM_EVAL_TASKS_DIR
+
+    config = yaml.safe_load((LM_EVAL_TASKS_DIR / "gsm8k_cot_sean.yaml").read_text())
+    options = {
+        k: v for k, v in config["metric_list"][0].items() if k not in ("metric", "aggregation", "higher_is_better")
+    }
+    out = {}
+    for pipeline in config["filter_list"]:
+        regex = pipeline["filter"][0]
+        resps = RegexFilter(regex["regex_pattern"], regex.get("group_select", 0)).apply([[completion]], [{}])
+        value = list(TakeFirstFilter().apply(resps, [{}]))[0]
+        out[pipeline["name"]] = (value, bool(exact_match_hf_evaluate([value], [reference], **options)["exact_match"]))
+    return out
+
+
+def one_shot_gsm8k_prompt(question: str) -> str:
+    q, target = GSM8K_EXEMPLARS[0]
+    return f"Q: {q}\nA: Let's think step by step. {target}\n\nQ: {question}\nA: Let's think step by step."
+
+
 def test_gsm8k_two_models_writes_json_table_plot(setup, tmp_path, capsys):
     out = tmp_path / "out"
     rc, stdout, err = run_eval(
@@ -86,7 +128,9 @@ def test_gsm8k_two_models_writes_json_table_plot(setup, tmp_path, capsys):
     )
     assert rc == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert results["metrics"] == ["flexible", "strict"]
+    metrics = ["strict-match", "flexible-extract", "flexible-numeric"]
+    assert results["metrics"] == metrics
+    assert results["settings"]["add_bos"] is True and results["settings"]["max_length"] == 1024
     rec, static = results["models"]
     assert (rec["static"], static["static"]) == (False, True)
     assert [run["recurrences"] for run in rec["runs"]] == [1, 2] and [run["recurrences"] for run in static["runs"]] == [
@@ -95,19 +139,81 @@ def test_gsm8k_two_models_writes_json_table_plot(setup, tmp_path, capsys):
     for model in results["models"]:
         for run in model["runs"]:
             assert run["n"] == 5 and [e["index"] for e in run["examples"]] == list(range(5))
-            for e in run["examples"]:  # stored scores agree with a re-extraction from the stored text
-                assert e["reference"] == GSM8K_ROWS[e["index"]]["answer"].split("#### ")[1].replace(",", "")
-                assert e["flexible"] == numbers_equal(extract_flexible(e["completion"]), e["reference"])
-                assert e["strict"] == numbers_equal(extract_strict(e["completion"]), e["reference"])
+            for e in run["examples"]:
+                row = GSM8K_ROWS[e["index"]]
+                assert e["prompt"] == one_shot_gsm8k_prompt(row["question"])  # the full prompt, as --log_samples
+                assert e["prompt_tokens"] == len(e["prompt"]) + 1 and e["truncated"] is False  # chars + BOS
+                assert e["reference"] == row["answer"].split("#### ")[1]  # lm-eval's target: '1,234' stays
+                for name, (value, correct) in lm_eval_gsm8k(e["completion"], e["reference"]).items():
+                    assert (e[f"{name}_answer"], e[name]) == (value, correct)
                 assert 1 <= e["tokens"] <= 10
-            for metric in ("flexible", "strict"):
+            for metric in metrics:
                 assert run["metrics"][metric] == sum(e[metric] for e in run["examples"]) / 5
     assert [run["mean_passes"] for run in rec["runs"]] == [1.0, 2.0]
     table = (out / "results.md").read_text().splitlines()
-    assert table[0] == "| model | r | mean passes | flexible (%) | strict (%) | n |"
+    assert (
+        table[0] == "| model | r | mean passes | strict-match (%) | flexible-extract (%) | flexible-numeric (%) | n |"
+    )
     assert len(table) == 2 + 3 and "| static | static |" in table[-1]
     assert (out / "gsm8k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "recurrent  r=2" in stdout
+
+
+@pytest.fixture(scope="module")
+def no_pad_model(setup, tmp_path_factory):
+    """The recurrent checkpoint with a tokenizer that has no pad token (as Llama-2/3 ship)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("nopad") / "recurrent"
+    shutil.copytree(setup["recurrent"], path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    char_tokenizer(pad=False).save_pretrained(path)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(path).pad_token is None
+    return path
+
+
+def test_tokenizer_without_pad_token(setup, no_pad_model, tmp_path, capsys):
+    """Used to fail with 'Asking to pad but the tokenizer does not have a padding token' at any batch size."""
+    texts = {}
+    for bs in (1, 3):
+        rc, _, err = run_eval(
+            capsys,
+            *("--model", no_pad_model, "--task", "gsm8k", "--data", setup["gsm8k"], "--recurrences", "2"),
+            *("--max-new-tokens", "6", "--batch-size", bs, "--out", tmp_path / str(bs)),
+        )
+        assert rc == 0, err
+        run = json.loads((tmp_path / str(bs) / "results.json").read_text())["models"][0]["runs"][0]
+        texts[bs] = [e["completion"] for e in run["examples"]]
+    # The padded tokenizer gives the same ids for these prompts, so the same completions.
+    rc, _, err = run_eval(
+        capsys,
+        *("--model", setup["recurrent"], "--task", "gsm8k", "--data", setup["gsm8k"], "--recurrences", "2"),
+        *("--max-new-tokens", "6", "--batch-size", "3", "--out", tmp_path / "pad"),
+    )
+    assert rc == 0, err
+    padded = json.loads((tmp_path / "pad" / "results.json").read_text())["models"][0]["runs"][0]
+    assert texts[1] == texts[3] == [e["completion"] for e in padded["examples"]]
+
+
+def test_long_prompts_are_left_truncated(setup, tmp_path, capsys):
+    """--max-length bounds prompt + generation: prompts keep their last (max-length - max-new-tokens) tokens."""
+    rc, _, err = run_eval(
+        capsys,
+        *("--model", setup["recurrent"], "--task", "gsm8k", "--data", setup["gsm8k"], "--recurrences", "1"),
+        *("--max-new-tokens", "4", "--max-length", "104", "--out", tmp_path / "o"),
+    )
+    assert rc == 0, err
+    run = json.loads((tmp_path / "o" / "results.json").read_text())["models"][0]["runs"][0]
+    assert all(e["truncated"] and e["prompt_tokens"] == 100 for e in run["examples"])
+    rc, _, err = run_eval(
+        capsys,
+        *("--model", setup["recurrent"], "--task", "gsm8k", "--data", setup["gsm8k"], "--recurrences", "1"),
+        *("--max-new-tokens", "4", "--max-length", "4", "--out", tmp_path / "bad"),
+    )
+    assert rc == 2 and "must exceed --max-new-tokens" in err
 
 
 def test_batch_size_does_not_change_completions(setup, tmp_path, capsys):
@@ -140,6 +246,9 @@ def test_batch_size_does_not_change_completions(setup, tmp_path, capsys):
 
 
 def test_math_with_adaptive_exit(setup, tmp_path, capsys):
+    from datasets import Dataset
+    from lm_eval.tasks.minerva_math import utils
+
     out = tmp_path / "math"
     rc, _, err = run_eval(
         capsys,
@@ -163,10 +272,22 @@ def test_math_with_adaptive_exit(setup, tmp_path, capsys):
     assert rc == 0, err
     results = json.loads((out / "results.json").read_text())
     run = results["models"][0]["runs"][0]
-    assert results["metrics"] == ["boxed"] and run["recurrences"] == 8
+    assert results["metrics"] == ["exact_match", "math_verify", "boxed-lenient"] and run["recurrences"] == 8
     assert 2 <= run["mean_passes"] < 8
+    docs = list(utils.process_docs(Dataset.from_list(MATH_ROWS)))  # lm-eval's minerva_math is the oracle
     for e in run["examples"]:
-        assert e["boxed"] == math_equal(last_boxed(e["completion"]), e["reference"])
+        assert e["prompt"].startswith("Problem:\nFind the domain") and e["prompt"].endswith(
+            f"Problem:\n{MATH_ROWS[e['index']]['problem']}\n\nSolution:"
+        )
+        assert e["reference"] == docs[e["index"]]["answer"] and e["subject"] == MATH_ROWS[e["index"]]["subject"]
+        theirs = utils.process_results(docs[e["index"]], [e["completion"]])
+        assert (e["exact_match"], e["math_verify"]) == (bool(theirs["exact_match"]), bool(theirs["math_verify"]))
+    # Per-subject means, and the overall mean is their size-weighted mean (lm-eval's minerva_math group).
+    subjects = run["subjects"]
+    assert {s: v["n"] for s, v in subjects.items()} == {"Algebra": 3, "Prealgebra": 2}
+    for metric in results["metrics"]:
+        weighted = sum(v[metric] * v["n"] for v in subjects.values()) / 5
+        assert run["metrics"][metric] == pytest.approx(weighted)
     assert (out / "math.png").is_file()
 
 

@@ -1,19 +1,38 @@
-"""lm-evaluation-harness on a tiny local retro checkpoint with two local tasks (log-likelihood and generation)."""
+"""lm-evaluation-harness on a tiny local retro checkpoint: local log-likelihood and generation tasks, and the
+shipped gsm8k_cot_sean task through `python -m retro.lm_eval_model` against `python -m retro.eval`.
+
+Needs the `[eval]` extra (CI installs it; these tests do not skip). Hub access is switched off: every task
+reads local files.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
+import datasets
+import huggingface_hub
+import lm_eval.models.huggingface  # noqa: F401  (lm-eval with its HF backend, i.e. accelerate)
 import pytest
 import torch
+import yaml
+from test_eval import tiny_models
 
-pytest.importorskip(
-    "lm_eval.models.huggingface", reason="lm-eval (with accelerate) is not installed: pip install -e '.[eval]'"
-)
+from retro.eval import main as retro_eval
+from retro.inference.generate import GenerationSettings, generate_text
+from retro.inference.task_base import LM_EVAL_TASKS_DIR
 
-from test_eval import tiny_models  # noqa: E402
 
-from retro.inference.generate import GenerationSettings, generate_text  # noqa: E402
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No hub traffic: the env vars for subprocesses, the already-imported libraries' flags for this one."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
 
 MC_DOCS = [
     {"question": f"{a} plus {a} is", "choices": [f" {2 * a}", f" {a}", " many"], "label": 0} for a in range(1, 5)
@@ -57,9 +76,7 @@ metric_list:
 """)
 
 
-def test_lm_eval_retro_model_uses_the_chosen_recurrence(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_lm_eval_retro_model_uses_the_chosen_recurrence(tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -109,3 +126,92 @@ def test_lm_eval_rejects_bad_recurrences(tmp_path):
 
     with pytest.raises(ValueError, match="recurrences must be >= 1"):
         RetroLM(pretrained=str(tmp_path), recurrences=0)
+
+
+# GSM8K-style documents; the last question is long enough to be left-truncated at max_length 1024.
+PAPER_DOCS = [
+    {"question": "Ann has 2 apples and buys 3 more. How many apples does she have?"},
+    {"question": "A train leaves at 9 and arrives at 11. How long is the trip, in hours?"},
+    {"question": "Tom pays $1,200 for 3 chairs. What does one chair cost?"},
+    {"question": "Count the sheep. " * 55 + "How many sheep are there?"},
+]
+
+
+def test_paper_gsm8k_command_matches_retro_eval(tmp_path, monkeypatch):
+    """The paper's lm-eval run (shipped gsm8k_cot_sean, 1-shot, add_bos_token, max_length 1024) via
+    `python -m retro.lm_eval_model --include_path ...` and `python -m retro.eval --task gsm8k` on the same
+    documents: the same prompts, completions, filtered answers, per-example scores and means."""
+    ckpt = tiny_models(tmp_path)["recurrent"]  # zeros s0: batching cannot change a completion
+    data = tmp_path / "gsm8k.jsonl"
+
+    def write_docs(answers):
+        data.write_text(
+            "".join(json.dumps({**d, "answer": f"Work.\n#### {a}"}) + "\n" for d, a in zip(PAPER_DOCS, answers))
+        )
+
+    def run_retro(out):
+        argv = ["--model", ckpt, "--task", "gsm8k", "--data", data, "--recurrences", "2", "--batch-size", "3"]
+        assert retro_eval([str(a) for a in [*argv, "--out", out]]) == 0
+        return json.loads((out / "results.json").read_text())["models"][0]["runs"][0]
+
+    # Pick references from a first run so that some examples score 1 (the prompts do not show the answers).
+    write_docs(["0"] * len(PAPER_DOCS))
+    probe = run_retro(tmp_path / "probe")["examples"]
+    write_docs([e["flexible-extract_answer"] if i % 2 == 0 else "7" for i, e in enumerate(probe)])
+    ours = run_retro(tmp_path / "retro")
+    assert ours["examples"][-1]["truncated"] and ours["examples"][-1]["prompt_tokens"] == 1024 - 256
+    assert any(e["flexible-extract"] for e in ours["examples"])
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "local.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "include": str(LM_EVAL_TASKS_DIR / "gsm8k_cot_sean.yaml"),
+                "task": "gsm8k_cot_sean_local",
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf_cache")},
+            }
+        )
+    )
+    model_args = f"pretrained={ckpt},recurrences=2,add_bos_token=True,max_length=1024,dtype=float32"
+    argv = [
+        *("--model", "retro", "--model_args", model_args, "--tasks", "gsm8k_cot_sean_local"),
+        *("--include_path", str(tasks), "--num_fewshot", "1", "--batch_size", "4", "--device", "cpu"),
+        *("--output_path", str(tmp_path / "lm_eval"), "--log_samples"),
+    ]
+    from retro.lm_eval_model import main as lm_eval_main
+
+    monkeypatch.setattr(sys, "argv", ["retro.lm_eval_model", *argv])
+    lm_eval_main()
+    (samples_file,) = (tmp_path / "lm_eval").rglob("samples_gsm8k_cot_sean_local_*.jsonl")
+    (results_file,) = (tmp_path / "lm_eval").rglob("results_*.json")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert sorted((s["doc_id"], s["filter"]) for s in samples) == [
+        (i, f) for i in range(len(PAPER_DOCS)) for f in ("flexible-extract", "strict-match")
+    ]
+    for s in samples:
+        mine = ours["examples"][s["doc_id"]]
+        assert s["arguments"]["gen_args_0"]["arg_0"] == mine["prompt"]
+        assert s["resps"][0][0] == mine["completion"]
+        assert s["target"] == mine["reference"]
+        assert (s["filtered_resps"][0], bool(s["exact_match"])) == (mine[f"{s['filter']}_answer"], mine[s["filter"]])
+    results = json.loads(results_file.read_text())["results"]["gsm8k_cot_sean_local"]
+    for name in ("strict-match", "flexible-extract"):
+        assert results[f"exact_match,{name}"] == pytest.approx(ours["metrics"][name])
+
+
+def test_shipped_task_folder_is_found_by_default():
+    """`python -m retro.lm_eval_model --tasks gsm8k_cot_sean ...` works without --include_path."""
+    from lm_eval.tasks import TaskManager
+
+    from retro.lm_eval_model import with_default_include_path
+
+    argv = ["--model", "retro", "--tasks", "gsm8k_cot_sean"]
+    assert with_default_include_path(argv) == [*argv, "--include_path", str(LM_EVAL_TASKS_DIR)]
+    assert with_default_include_path([*argv, "--include_path=x"]) == [*argv, "--include_path=x"]
+    assert with_default_include_path(["--help"]) == ["--help"] and with_default_include_path([]) == []
+    manager = TaskManager(include_path=str(LM_EVAL_TASKS_DIR), include_defaults=False)
+    assert "gsm8k_cot_sean" in manager.all_tasks
+    assert Path(LM_EVAL_TASKS_DIR, "gsm8k_cot_sean.yaml").is_file()

@@ -1,14 +1,25 @@
-"""Generation: cached decoding vs uncached recomputation, left padding, adaptive exit, sampling."""
+"""Generation: cached decoding vs uncached recomputation, left padding, adaptive exit, sampling, under both a
+deterministic s0 (zeros) and the default random one (the paper's truncated normal), and text generation with
+tokenizers that have no pad token."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from tiny import save_source
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 import retro  # noqa: F401  (registers the Auto classes)
 from retro.convert import convert
-from retro.inference.generate import GenerationSettings, StaticKVCache, generate, positions_from_mask
+from retro.inference.generate import (
+    GenerationSettings,
+    StaticKVCache,
+    encode_prompts,
+    generate,
+    generate_text,
+    positions_from_mask,
+)
 from retro.model.modeling import RetroForCausalLM
 
 PAD = 0
@@ -21,6 +32,17 @@ def model(tmp_path_factory) -> RetroForCausalLM:
     save_source(root / "src", "llama")
     convert(root / "src", root / "retro", shape=(1, 2, 1), adapter_init="default", state_init="zeros")
     return RetroForCausalLM.from_pretrained(root / "retro").eval()
+
+
+@pytest.fixture(scope="module")
+def noisy_model(tmp_path_factory) -> RetroForCausalLM:
+    """The same kind of model with the default s0: truncated normal, drawn fresh for every position."""
+    root = tmp_path_factory.mktemp("gen_noisy")
+    save_source(root / "src", "llama")
+    convert(root / "src", root / "retro", shape=(1, 2, 1), adapter_init="default")
+    model = RetroForCausalLM.from_pretrained(root / "retro").eval()
+    assert model.config.state_init == "trunc_normal"
+    return model
 
 
 def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +81,61 @@ def test_cached_equals_uncached_and_batched_equals_single(model, r):
     for b, prompt in enumerate(PROMPTS):
         single = generate(model, torch.tensor([prompt]), None, settings)
         assert single.tokens[0].tolist() == batched.tokens[b].tolist()
+
+
+@torch.no_grad()
+def greedy_uncached_noisy(model, prompt_ids, prompt_mask, r, steps, seed):
+    """Reference for a random s0: full recomputation where every position keeps the s0 drawn for it when it
+    first entered, in the order generate() draws them (the prompt [B, T], then [B, 1] per new token)."""
+    generator = torch.Generator().manual_seed(seed)
+    std, hidden = model.config.state_init_std, model.config.hidden_size
+
+    def draw(batch, length):
+        s0 = torch.empty(batch, length, hidden)
+        return torch.nn.init.trunc_normal_(s0, 0.0, std, -3 * std, 3 * std, generator=generator)
+
+    ids, mask = prompt_ids.clone(), prompt_mask.clone()
+    s0 = draw(*ids.shape)
+    out = []
+    for _ in range(steps):
+        pos = positions_from_mask(mask)
+        logits = model(ids, attention_mask=mask, position_ids=pos, num_recurrences=r, initial_state=s0).logits
+        token = logits[:, -1].argmax(-1)
+        out.append(token)
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        s0 = torch.cat([s0, draw(ids.size(0), 1)], 1)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_random_initial_state_cached_equals_uncached(noisy_model, r):
+    steps, seed = 6, 11
+    ids, mask = left_pad(PROMPTS)
+    settings = GenerationSettings(max_new_tokens=steps, num_recurrences=r, seed=seed)
+    out = generate(noisy_model, ids, mask, settings)
+    assert out.tokens.tolist() == greedy_uncached_noisy(noisy_model, ids, mask, r, steps, seed).tolist()
+    assert generate(noisy_model, ids, mask, settings).tokens.tolist() == out.tokens.tolist()  # seeded: repeatable
+
+
+def test_random_initial_state_is_really_random(noisy_model):
+    """Guards the test above: s0 draws differ by seed and change the logits (and zeros differ from both)."""
+    ids, mask = left_pad(PROMPTS)
+    pos = positions_from_mask(mask)
+
+    def logits(seed):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            return noisy_model(
+                ids, attention_mask=mask, position_ids=pos, num_recurrences=4, generator=generator
+            ).logits
+
+    a, b = logits(0), logits(1)
+    assert torch.equal(a, logits(0)) and (a - b).abs().max() > 1e-5
+    with torch.no_grad():
+        zeros = torch.zeros(*ids.shape, noisy_model.config.hidden_size)
+        z = noisy_model(ids, attention_mask=mask, position_ids=pos, num_recurrences=4, initial_state=zeros).logits
+    assert (a - z).abs().max() > 1e-5
 
 
 def test_recurrence_changes_output(model):
@@ -151,3 +228,54 @@ def test_bad_settings(model):
         generate(model, ids, None, GenerationSettings(num_recurrences=0))
     with pytest.raises(ValueError, match="adaptive_exit"):
         generate(model, ids, None, GenerationSettings(adaptive_exit=-1.0))
+
+
+def tokenizer_without_pad() -> PreTrainedTokenizerFast:
+    """Llama-2/3 style: BOS and EOS but no pad token (one token per character; ids below the tiny vocab)."""
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789 .,:?!\n"))
+    vocab = {"<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tokenizer.pad_token is None and tokenizer.pad_token_id is None
+    return tokenizer
+
+
+TEXT_PROMPTS = ["q: what is 2 plus 2?\na:", "hi", "a longer prompt, with words: one two three."]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_text_without_a_pad_token(model, batch):
+    """Used to raise 'Asking to pad but the tokenizer does not have a padding token' (batch 1 too)."""
+    tokenizer = tokenizer_without_pad()
+    settings = GenerationSettings(max_new_tokens=5, num_recurrences=2)
+    prompts = TEXT_PROMPTS[:batch]
+    batched = generate_text(model, tokenizer, prompts, settings, add_bos=True)
+    singles = [generate_text(model, tokenizer, [p], settings, add_bos=True)[0] for p in prompts]
+    assert [c.text for c in batched] == [c.text for c in singles]
+    assert [c.prompt_tokens for c in batched] == [len(p) + 1 for p in prompts]  # one token per char + BOS
+    # The same tokens as generate() on hand-made ids: padding and BOS are what they should be.
+    rows = [[1, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
+    ids, mask = left_pad(rows)
+    direct = generate(model, ids, mask, settings, eos_token_ids=[2])
+    for b, c in enumerate(batched):
+        assert c.num_tokens == direct.num_generated[b]
+        expected = tokenizer.decode(direct.tokens[b, : direct.num_generated[b]].tolist(), skip_special_tokens=True)
+        assert c.text == expected
+
+
+def test_encode_prompts_bos_and_truncation(model):
+    tokenizer = tokenizer_without_pad()
+    plain = tokenizer("ab", add_special_tokens=False)["input_ids"]
+    assert encode_prompts(tokenizer, ["ab"], add_bos=True) == [[1, *plain]]
+    assert encode_prompts(tokenizer, ["ab"], add_bos=False) == [plain]
+    assert encode_prompts(tokenizer, ["<s>ab"], add_bos=True) == [[1, *plain]]  # the text's BOS is not doubled
+    settings = GenerationSettings(max_new_tokens=3, num_recurrences=1)
+    long = "abcdefghij"
+    cut = generate_text(model, tokenizer, [long, "ab"], settings, add_bos=True, max_length=8)
+    assert [(c.prompt_tokens, c.truncated) for c in cut] == [(5, True), (3, False)]
+    kept = generate_text(model, tokenizer, ["fghij"], settings, add_bos=False)  # the last 5 tokens, no BOS
+    assert cut[0].text == kept[0].text
+    with pytest.raises(ValueError, match="no room"):
+        generate_text(model, tokenizer, ["ab"], settings, max_length=3)
