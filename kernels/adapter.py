@@ -6,9 +6,14 @@ The model keeps one weight W [h, 2h] = [W_state | W_inject] and passes the slice
 (:func:`adapter`). On the Triton path that add is fused into the product's epilogue, and the
 slices are read through their strides (no copies); gradients flow back into W through the views.
 
+Under ``torch.autocast`` :func:`adapter` casts its three operands to the autocast dtype first (as
+autocast does for ``addmm``), on both paths: the weight slice stays an fp32 master weight and gets
+an fp32 gradient through the cast, while the state and injection are already bf16. Outside
+autocast, mixed dtypes are an error.
+
 What is not fused, and why: the injection product is a plain GEMM that cuBLAS already runs at
 peak; an optional noise term and the block's first RMSNorm were left out because no GPU
-measurement has shown that fusing them pays (see the README kernels section).
+measurement has shown that fusing them pays (see docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ def _check(state: torch.Tensor, w_state: torch.Tensor, injection: torch.Tensor) 
         raise TypeError(
             f"adapter: dtypes differ (state {state.dtype}, w_state {w_state.dtype}, injection {injection.dtype})"
         )
+
+
+def _autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands in the autocast dtype when autocast is on for their device (floating, not fp64)."""
+    kind = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return tensors
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
 
 
 def adapter_injection(e: torch.Tensor, w_inject: torch.Tensor) -> torch.Tensor:
@@ -81,8 +95,10 @@ def adapter(state: torch.Tensor, w_state: torch.Tensor, injection: torch.Tensor)
     ``injection`` is :func:`adapter_injection`'s output ([..., h_out]). Differentiable in all
     three inputs. Measured on an H200 (benchmarks/results/gpu_h200), cuBLAS ``addmm`` with the
     injection as its bias beats the Triton kernel (0.62-0.86x), so ``auto`` keeps torch and only
-    ``RETRO_KERNELS=triton`` (or ``set_backend("triton")``) runs the fused kernel.
+    ``RETRO_KERNELS=triton`` (or ``set_backend("triton")``) runs the fused kernel. Under autocast
+    all three are cast to the autocast dtype first.
     """
+    state, w_state, injection = _autocast_operands(state, w_state, injection)
     _check(state, w_state, injection)
     if get_backend() == "triton" and use_triton(state, w_state, injection):
         return _FusedAdapter.apply(state, w_state, injection)

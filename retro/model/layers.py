@@ -29,7 +29,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # The weight in the activations' dtype (a no-op unless autocast made them bf16 while the
+        # weight stays fp32): the fused kernel needs one dtype, and FSDP2's bf16 path computes the same.
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 class FusedLinear(nn.Linear):

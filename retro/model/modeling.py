@@ -17,7 +17,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from retro.model.adapter import Adapter
 from retro.model.config import RetroConfig
 from retro.model.layers import DecoderLayer, KVSlot, RMSNorm
-from retro.model.loss import linear_cross_entropy
+from retro.model.loss import linear_cross_entropy, plain_cross_entropy
+from retro.model.precision import to_autocast_dtype
 from retro.model.rope import inverse_frequencies, rope_cos_sin
 
 Recurrences = int | tuple[int, int] | None
@@ -117,8 +118,13 @@ class RecurrentCore(nn.Module):
         return self.recurrence_pass(state, injection, rope, mask, cache, pass_index)
 
     def forward(self, e, state, rope, mask, cache: KVCache | None, n: int, k: int) -> torch.Tensor:
-        """n passes under no_grad (truncated backprop), then k passes with grad; e is the prelude output."""
+        """n passes under no_grad (truncated backprop), then k passes with grad; e is the prelude output.
+
+        The state follows the injection's dtype (the compute dtype: bf16 under autocast or with
+        FSDP2's bf16 parameters), so an fp32 initial state handed in does not mix dtypes.
+        """
         injection = self.adapter.injection(e)
+        state = state.to(injection.dtype)
         with torch.no_grad():
             for p in range(n):
                 state = self._run_pass(state, injection, rope, mask, cache, p)
@@ -171,7 +177,9 @@ class RetroModel(RetroPreTrainedModel):
         past = cache.past_length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
-        x = self.embed_tokens(input_ids)
+        # Under autocast the activations are in the autocast dtype from here on, as with FSDP2's
+        # bf16 parameters (retro/model/precision.py); a no-op otherwise.
+        x = to_autocast_dtype(self.embed_tokens(input_ids))
         rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         mask = attention_mask_4d(attention_mask, seq, past, x.device)
         if mask is None and cache is not None:
@@ -226,11 +234,16 @@ class RetroForCausalLM(RetroPreTrainedModel):
         aligned with the inputs, what the trainer passes), the mean CE over targets != -100.
 
         `num_recurrences`: r (all passes with grad) or (n, k): n no-grad passes then k with grad.
-        `return_logits=False` skips the [B, T, V] logits and computes the loss in chunks.
+        With logits returned the loss is computed from them (one head pass, as transformers does);
+        `return_logits=False` skips the [B, T, V] logits and computes the loss in chunks
+        (retro/model/loss.py), what training and evaluation use.
         """
         hidden = self.model(input_ids, attention_mask, position_ids, num_recurrences, cache, initial_state, generator)
         if labels is not None and shift_labels is None:
             shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-        loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels) if shift_labels is not None else None
-        logits = self.lm_head(hidden) if return_logits else None
+        if not return_logits:
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels) if shift_labels is not None else None
+            return CausalLMOutputWithPast(loss=loss, logits=None)
+        logits = self.lm_head(hidden)
+        loss = plain_cross_entropy(logits, shift_labels) if shift_labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -177,3 +177,17 @@ def test_vocab_mismatch_is_caught_before_training(assets, tmp_path):
     result = run_train(base_overrides(small, data, tmp_path / "x"), check=False)
     assert result.returncode == 2 and "vocab mismatch" in result.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_single_process_bf16_matches_fp32(assets, tmp_path):
+    """`python -m retro.train` as one process in bf16 (autocast, fp32 master weights), the path a
+    single GPU without torchrun takes: it used to crash in the adapter's dtype check. On CPU the
+    losses track the fp32 run's within bf16 precision."""
+    model, data = assets
+    extra = {"train.steps": 4, "model.state_init": "zeros"}
+    run_train(base_overrides(model, data, tmp_path / "fp32", **extra))
+    run_train(base_overrides(model, data, tmp_path / "bf16", **{**extra, "train.dtype": "bf16"}))
+    fp32, bf16 = read_metrics(tmp_path / "fp32"), read_metrics(tmp_path / "bf16")
+    assert [m["step"] for m in bf16] == [1, 2, 3, 4] and not any(m["skipped"] for m in bf16)
+    for a, b in zip(fp32, bf16):
+        assert abs(a["loss"] - b["loss"]) <= 0.02 * a["loss"], (a["loss"], b["loss"])
