@@ -48,7 +48,7 @@ def torch_muon_pair(model: torch.nn.Module, lr: float, adamw_lr: float) -> list[
     others = [p for g in groups if not g["use_muon"] for p in g["params"]]
     return [
         torch.optim.Muon(matrices, lr=lr, weight_decay=1e-4),
-        torch.optim.AdamW(others, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=1e-4),
+        torch.optim.AdamW(others, lr=adamw_lr, betas=(0.9, 0.95), eps=1e-10, weight_decay=1e-4),
     ]
 
 

@@ -70,3 +70,30 @@ retro_train_args() {
     TRAIN_ARGS=(--config "$@")
     (( resume )) || TRAIN_ARGS+=(--resume auto)
 }
+
+# Runs the torchrun command "$@" in the background, forwards SIGTERM/SIGUSR1 to its workers, waits,
+# and exits with the workers' own code: torchrun reports any failed worker as 1, so each worker
+# (launchers/worker.py) writes rank_<RANK> into $RETRO_EXIT_DIR; 85 (requeue) if any asked for it.
+# $RETRO_LABEL names the caller in the messages.
+retro_run_and_exit() {
+    "$@" &
+    TORCHRUN_PID=$!
+    retro_forward() {
+        echo "$RETRO_LABEL: $1 received; forwarding to the training processes" >&2
+        pkill "-$1" -P "$TORCHRUN_PID" || true
+    }
+    trap 'retro_forward USR1' USR1
+    trap 'retro_forward TERM' TERM
+    local status=0 requeue=0 file code
+    while true; do  # `wait` returns early (> 128) when a trapped signal arrives: wait again
+        wait "$TORCHRUN_PID" && status=0 || status=$?
+        kill -0 "$TORCHRUN_PID" 2>/dev/null || break
+    done
+    shopt -s nullglob
+    for file in "$RETRO_EXIT_DIR"/rank_*; do
+        code=$(<"$file")
+        if [[ $code == 85 ]]; then requeue=1; elif [[ $code != 0 ]]; then exit "$code"; fi
+    done
+    (( requeue )) && exit 85
+    exit "$status"
+}

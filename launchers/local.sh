@@ -32,26 +32,5 @@ export RETRO_EXIT_DIR
 trap 'rm -rf "$RETRO_EXIT_DIR"' EXIT
 # worker.py runs as a script: import retro from this checkout, as `-m retro.train` from its root would
 export PYTHONPATH=${LAUNCHERS%/*}${PYTHONPATH:+:$PYTHONPATH}
-"${CMD[@]}" &
-TORCHRUN_PID=$!
-forward() {
-    echo "retro local: $1 received; forwarding to the training processes" >&2
-    pkill "-$1" -P "$TORCHRUN_PID" || true
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
 trap : INT  # Ctrl-C reaches torchrun and the workers directly; keep waiting for their exit codes
-status=0
-while true; do  # `wait` returns early (> 128) when a trapped signal arrives: wait again
-    wait "$TORCHRUN_PID" && status=0 || status=$?
-    kill -0 "$TORCHRUN_PID" 2>/dev/null || break
-done
-
-requeue=0
-shopt -s nullglob
-for file in "$RETRO_EXIT_DIR"/rank_*; do
-    code=$(<"$file")
-    if [[ $code == 85 ]]; then requeue=1; elif [[ $code != 0 ]]; then exit "$code"; fi
-done
-(( requeue )) && exit 85
-exit "$status"
+RETRO_LABEL="retro local" retro_run_and_exit "${CMD[@]}"

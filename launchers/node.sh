@@ -32,26 +32,4 @@ export RETRO_EXIT_DIR=$RETRO_EXIT_ROOT/node_$NODE_RANK  # launchers/worker.py wr
 rm -rf "$RETRO_EXIT_DIR"
 cd "$RETRO_HOME"
 export PYTHONPATH=$RETRO_HOME${PYTHONPATH:+:$PYTHONPATH}
-"${CMD[@]}" &
-TORCHRUN_PID=$!
-forward() {
-    echo "retro node $NODE_RANK: $1 received; forwarding to the training processes" >&2
-    pkill "-$1" -P "$TORCHRUN_PID" || true
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-status=0
-while true; do  # `wait` returns early (> 128) when a trapped signal arrives: wait again
-    wait "$TORCHRUN_PID" && status=0 || status=$?
-    kill -0 "$TORCHRUN_PID" 2>/dev/null || break
-done
-
-# torchrun reports any worker failure as 1: the workers' own codes decide.
-requeue=0
-shopt -s nullglob
-for file in "$RETRO_EXIT_DIR"/rank_*; do
-    code=$(<"$file")
-    if [[ $code == 85 ]]; then requeue=1; elif [[ $code != 0 ]]; then exit "$code"; fi
-done
-(( requeue )) && exit 85
-exit "$status"
+RETRO_LABEL="retro node $NODE_RANK" retro_run_and_exit "${CMD[@]}"

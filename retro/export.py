@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from retro.convert import TOKENIZER_FILES, check_output_dir, staged_output
+from retro.hf.output_dir import TOKENIZER_FILES, check_output_dir, staged_output
 from retro.model.config import RetroConfig
 from retro.model.modeling import RetroForCausalLM
 from retro.training import checkpoint

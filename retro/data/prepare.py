@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from retro.data.manifest import (
     vocab_hash,
 )
 from retro.data.sources import Source, resolve_inputs
+from retro.hf.output_dir import staged_output
 
 log = logging.getLogger("retro.data.prepare")
 
@@ -141,24 +141,8 @@ def prepare(args: argparse.Namespace) -> Manifest:
     if prefix or suffix:
         log.info("the tokenizer's special tokens around each document: %s ... %s", prefix, suffix)
 
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(out) as tmp:
         _write_shards(tmp, sources, tokenizer, prefix, suffix, args)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
     return Manifest.load(out)
 
 

@@ -273,10 +273,12 @@ class Trainer:
                     return BAD_STEPS_EXIT_CODE
                 if signals.agreed(self.info.device):
                     self._log(record)
-                    if not finite or not self.save():
+                    if not finite:  # requeue anyway: the next job resumes from the last good checkpoint
                         self._say(f"signal received at a non-finite step; not saved; {self.what_exists()}", True)
+                    elif not self.save():
                         return BAD_STEPS_EXIT_CODE
-                    self._say(f"signal received; checkpoint at step {step} written; exiting for requeue")
+                    else:
+                        self._say(f"signal received; checkpoint at step {step} written; exiting for requeue")
                     return REQUEUE_EXIT_CODE
                 # save before validating: a failing validation or log must never cost the checkpoint
                 if finite and self.checkpointer.due(step, t.steps) and not self.save():

@@ -113,7 +113,7 @@ def _torch_pair(model: Toy, muon_lr: float, adamw_lr: float, scale_rule: str):
     others = [p for g in groups if not g["use_muon"] for p in g["params"]]
     return [
         torch.optim.Muon(matrices, lr=muon_lr, weight_decay=1e-4, adjust_lr_fn=scale_rule),
-        torch.optim.AdamW(others, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=1e-4),
+        torch.optim.AdamW(others, lr=adamw_lr, betas=(0.9, 0.95), eps=1e-10, weight_decay=1e-4),
     ]
 
 
@@ -261,7 +261,7 @@ def test_equals_explicit_reference_fp32(split_fused, nesterov, coefficients, rul
             splits += [g["split_sizes"]] * len(mapped)
         else:
             others += mapped
-    adamw = torch.optim.AdamW(others, lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-4)
+    adamw = torch.optim.AdamW(others, lr=1e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=1e-4)
     state: dict = {}
 
     class ReferenceMuon:
