@@ -49,6 +49,17 @@ class DataSettings:
         if self.seq_len < 1:
             raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
 
+    def train_loader(self, micro_batch: int, rank: int, world_size: int, seed: int) -> ShardLoader:
+        """This rank's endless, resumable loader of the `train` sources (see build_train_loader)."""
+        return build_train_loader(
+            self.train, self.weights or None, self.seq_len, micro_batch, rank, world_size, seed, self.num_workers
+        )
+
+    def val_batches(self, micro_batch: int, rank: int, world_size: int, total_batches: int) -> list[Batch]:
+        """This rank's share of `total_batches` validation micro-batches from `val` (or the first train source)."""
+        per_rank = max(1, total_batches // world_size)
+        return list(build_val_batches(self.val or self.train[0], self.seq_len, micro_batch, rank, world_size, per_rank))
+
 
 def _positions(starts: np.ndarray, window_start: int, seq_len: int) -> np.ndarray:
     """Position ids over a window of seq_len inputs, restarting at 0 at each document start."""

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from retro.data.loader import build_train_loader, build_val_batches
 from retro.data.manifest import ShardFormatError
 from retro.data.mixture import Reshard
 from retro.data.shards import TokenShards, check_tokenizer_matches
@@ -103,16 +102,9 @@ class Trainer:
         self.dtype = compute_dtype(t.dtype, info.device)
         self.model = build_model(job.model, self.model_config, job.parallel, self.mesh, info.device, self.dtype, t.seed)
         self.optimizer = build_optimizer(self.model, job.optim)
-        d = job.data
-        loader = build_train_loader(
-            d.train, d.weights or None, d.seq_len, t.micro_batch, info.rank, info.world_size, t.seed, d.num_workers
-        )
+        loader = job.data.train_loader(t.micro_batch, info.rank, info.world_size, t.seed)
         self.state = TrainState(scheduler_for(self.optimizer, job.optim, t.steps), loader)
-        val_source = d.val or d.train[0]
-        per_rank = max(1, t.val_batches // info.world_size)
-        self.val_batches = list(
-            build_val_batches(val_source, d.seq_len, t.micro_batch, info.rank, info.world_size, per_rank)
-        )
+        self.val_batches = job.data.val_batches(t.micro_batch, info.rank, info.world_size, t.val_batches)
         self.accumulation = t.global_batch // (t.micro_batch * info.world_size)
         self.checkpointer = Checkpointer(job.checkpoint, self.out_dir, info.rank, info.world_size)
         self.resumed_from = self.checkpointer.resume_path()
@@ -132,9 +124,9 @@ class Trainer:
             if self.resumed_from is not None:
                 truncate_after(metrics, self.state.step)  # the steps after the checkpoint are re-run
             self.log = MetricsLog(metrics, self.out_dir / "tensorboard" if t.tensorboard else None)
-        self.flops = FlopModel.from_config(self.model_config, d.seq_len)
+        self.flops = FlopModel.from_config(self.model_config, job.data.seq_len)
         self.peak = peak_flops(info.device)
-        self.tokens_per_step = t.global_batch * d.seq_len
+        self.tokens_per_step = t.global_batch * job.data.seq_len
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = iter(loader)
 
