@@ -58,3 +58,24 @@ def save_source(path: Path, kind: str = "llama", seed: int = 0, **overrides) -> 
     model = make_source(kind, seed, **overrides)
     model.save_pretrained(path)
     return model
+
+
+def tiny_recurrent(**overrides):
+    """A (1,2,1) RetroForCausalLM, h 32, vocab 61, with the paper's (default) adapter init: seeded."""
+    import retro
+
+    torch.manual_seed(0)
+    config = retro.RetroConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=40,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        n_prelude=1,
+        n_recurrent=2,
+        n_coda=1,
+        **overrides,
+    )
+    model = retro.RetroForCausalLM(config)
+    model.model.recurrent.adapter.reset_default(torch.Generator().manual_seed(1))
+    return model

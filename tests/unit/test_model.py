@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import save_source
+from tiny import save_source, tiny_recurrent
 from transformers import AutoModelForCausalLM
 
 import retro
@@ -61,26 +61,8 @@ def test_dropped_layers_recurrence_changes_output(tmp_path):
     assert (outputs[7] - outputs[15]).abs().max() > 0
 
 
-def _tiny_recurrent(**overrides) -> retro.RetroForCausalLM:
-    torch.manual_seed(0)
-    config = retro.RetroConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=40,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        n_prelude=1,
-        n_recurrent=2,
-        n_coda=1,
-        **overrides,
-    )
-    model = retro.RetroForCausalLM(config)
-    model.model.recurrent.adapter.reset_default(torch.Generator().manual_seed(1))
-    return model
-
-
 def test_truncated_backprop_equals_explicit_passes():
-    model = _tiny_recurrent(state_init="zeros")
+    model = tiny_recurrent(state_init="zeros")
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
     n, k = 3, 2
     loss = model(ids, labels=ids, num_recurrences=(n, k)).loss
@@ -113,7 +95,7 @@ def test_truncated_backprop_equals_explicit_passes():
 
 def test_truncation_blocks_gradient_of_early_passes():
     """With k=1 the gradient must not depend on how many no-grad passes ran before, only on the state."""
-    model = _tiny_recurrent(state_init="zeros")
+    model = tiny_recurrent(state_init="zeros")
     ids = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(3))
     model(ids, labels=ids, num_recurrences=(4, 1)).loss.backward()
     truncated = model.model.recurrent.adapter.weight.grad.clone()
@@ -134,7 +116,7 @@ def test_precomputed_injection_equals_concat_formula():
 
 
 def test_initial_state_options():
-    model = _tiny_recurrent()
+    model = tiny_recurrent()
     e = torch.randn(4, 50, 32)
     s1 = model.model.initial_state(e, torch.Generator().manual_seed(5))
     s2 = model.model.initial_state(e, torch.Generator().manual_seed(5))
@@ -164,7 +146,7 @@ def test_chunked_loss_matches_plain_cross_entropy():
 
 
 def test_left_padded_batch_equals_one_by_one():
-    model = _tiny_recurrent(state_init="zeros").eval()
+    model = tiny_recurrent(state_init="zeros").eval()
     short = torch.randint(3, 61, (1, 5), generator=torch.Generator().manual_seed(4))
     long = torch.randint(3, 61, (1, 8), generator=torch.Generator().manual_seed(5))
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
@@ -178,7 +160,7 @@ def test_left_padded_batch_equals_one_by_one():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = _tiny_recurrent()
+    model = tiny_recurrent()
     model.save_pretrained(tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -187,7 +169,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_bad_recurrence_counts():
-    model = _tiny_recurrent()
+    model = tiny_recurrent()
     ids = torch.zeros(1, 3, dtype=torch.long)
     for bad in (0, (0, 0), (-1, 2)):
         with pytest.raises(ValueError, match="num_recurrences"):

@@ -9,30 +9,15 @@ import copy
 
 import pytest
 import torch
+from tiny import tiny_recurrent
 
-import retro
 from retro.kernels import dispatch
 from retro.kernels.adapter import adapter, adapter_reference
 
 BF16 = torch.bfloat16
 
 
-def _model(**overrides) -> retro.RetroForCausalLM:
-    torch.manual_seed(0)
-    config = retro.RetroConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=40,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        n_prelude=1,
-        n_recurrent=2,
-        n_coda=1,
-        **overrides,
-    )
-    model = retro.RetroForCausalLM(config)
-    model.model.recurrent.adapter.reset_default(torch.Generator().manual_seed(1))
-    return model
+_model = tiny_recurrent
 
 
 def _ids(batch=2, seq=16):
