@@ -32,7 +32,7 @@ from benchmarks.common import RESULTS, machine_info
 
 HERE = Path(__file__).parent
 # optimizer_convergence needs a demo run's model and shards (--model, --data): run it by hand.
-NOT_BENCHMARKS = {"__init__", "common", "run", "optimizer_convergence", "real_retrofit"}  # not timings: experiments
+NOT_BENCHMARKS = {"__init__", "common", "run", "optimizer_convergence"}  # not timings: experiments
 
 # Small settings: the whole suite in < 10 minutes on 2 CPU cores. "{out}" is the scratch folder.
 CPU_SETTINGS: dict[str, list[str]] = {
