@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,28 +50,36 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def convert(
+@dataclass
+class Conversion:
+    """A converted model in memory: what `convert` writes, and what a distillation teacher loads."""
+
+    config: RetroConfig
+    tensors: dict[str, torch.Tensor]
+    summary: dict
+    gguf: object | None  # the open GGUF source (its tokenizer is rebuilt from metadata), or None
+    tokenizer_files: list[str] = field(default_factory=list)  # copied from the source directory
+
+
+def build_conversion(
     model_dir: str | Path,
-    out_dir: str | Path,
     shape: tuple[int, int, int] | None = None,
     layers: str | None = None,
     static: bool = False,
     adapter_init: str = "identity",
     state_init: str = "trunc_normal",
     default_recurrences: int = 1,
-    force: bool = False,
     seed: int = 0,
     gguf_file: str | None = None,
-) -> dict:
-    """Write a RetroForCausalLM checkpoint (config, safetensors, tokenizer files); return a summary."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+) -> Conversion:
+    """The RetroForCausalLM config and tensors for a source model and a layer choice, nothing written."""
+    model_dir = Path(model_dir)
     if sum(x is not None and x is not False for x in (shape, layers, static)) != 1:
         raise ValueError("give exactly one of --shape P,R,C, --layers a-b,c-d,e-f or --static")
     if adapter_init not in ("identity", "default"):
         raise ValueError(f"--adapter-init must be identity or default, got {adapter_init!r}")
     if state_init not in STATE_INITS:
         raise ValueError(f"--state-init must be one of {STATE_INITS}, got {state_init!r}")
-    check_output_dir(out_dir, force, {"the source model": model_dir})
     gguf = open_gguf(model_dir, gguf_file)  # None: a safetensors checkpoint directory
     hf_config, arch = gguf.config_and_architecture() if gguf else _load_source_config(model_dir)
     num_layers = hf_config.num_hidden_layers
@@ -110,7 +119,6 @@ def convert(
     source_params = sum(math.prod(reader.shape(n)) for n in reader.file_of)
     summary = {
         "source": str(model_dir),
-        "out": str(out_dir),
         "model_type": arch.model_type,
         "source_layers": num_layers,
         "prelude": plan.prelude,
@@ -124,13 +132,36 @@ def convert(
         "tokenizer_files": copied,
         "zero_embedding_rows": zero_rows,
     }
+    return Conversion(config, tensors, summary, gguf, copied)
+
+
+def convert(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    shape: tuple[int, int, int] | None = None,
+    layers: str | None = None,
+    static: bool = False,
+    adapter_init: str = "identity",
+    state_init: str = "trunc_normal",
+    default_recurrences: int = 1,
+    force: bool = False,
+    seed: int = 0,
+    gguf_file: str | None = None,
+) -> dict:
+    """Write a RetroForCausalLM checkpoint (config, safetensors, tokenizer files); return a summary."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_output_dir(out_dir, force, {"the source model": model_dir})
+    done = build_conversion(
+        model_dir, shape, layers, static, adapter_init, state_init, default_recurrences, seed, gguf_file
+    )
+    summary = {"out": str(out_dir), **done.summary}
     with staged_output(out_dir) as tmp:
-        config.save_pretrained(tmp)
-        save_sharded(tensors, tmp)
-        for name in copied:
+        done.config.save_pretrained(tmp)
+        save_sharded(done.tensors, tmp)
+        for name in done.tokenizer_files:
             shutil.copy2(model_dir / name, tmp / name)
-        if gguf:  # the tokenizer is rebuilt from the GGUF's metadata
-            summary.update(gguf.save_tokenizer(tmp))
+        if done.gguf:  # the tokenizer is rebuilt from the GGUF's metadata
+            summary.update(done.gguf.save_tokenizer(tmp))
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -6,6 +6,7 @@ Single-device code: sharding, activation checkpointing and compile are applied f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -22,6 +23,9 @@ from retro.model.precision import to_autocast_dtype
 from retro.model.rope import inverse_frequencies, rope_cos_sin
 
 Recurrences = int | tuple[int, int] | None
+# (final hidden states [B, T, h], head weight [V, h], shift_labels) -> loss: called inside the forward,
+# where FSDP2 has the head gathered (distillation passes one; the default is chunked CE).
+HeadLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class KVCache(Protocol):
@@ -228,6 +232,7 @@ class RetroForCausalLM(RetroPreTrainedModel):
         initial_state: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         return_logits: bool = True,
+        loss_fn: HeadLossFn | None = None,
         **_: object,
     ) -> CausalLMOutputWithPast:
         """Logits and, with `labels` (HF convention, shifted here) or `shift_labels` (already
@@ -236,13 +241,14 @@ class RetroForCausalLM(RetroPreTrainedModel):
         `num_recurrences`: r (all passes with grad) or (n, k): n no-grad passes then k with grad.
         With logits returned the loss is computed from them (one head pass, as transformers does);
         `return_logits=False` skips the [B, T, V] logits and computes the loss in chunks
-        (retro/model/loss.py), what training and evaluation use.
+        (retro/model/loss.py), what training and evaluation use; `loss_fn` replaces that loss.
         """
         hidden = self.model(input_ids, attention_mask, position_ids, num_recurrences, cache, initial_state, generator)
         if labels is not None and shift_labels is None:
             shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         if not return_logits:
-            loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels) if shift_labels is not None else None
+            head_loss = loss_fn or linear_cross_entropy
+            loss = head_loss(hidden, self.lm_head.weight, shift_labels) if shift_labels is not None else None
             return CausalLMOutputWithPast(loss=loss, logits=None)
         logits = self.lm_head(hidden)
         loss = plain_cross_entropy(logits, shift_labels) if shift_labels is not None else None

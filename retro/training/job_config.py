@@ -20,6 +20,7 @@ from retro.data.loader import DataSettings
 from retro.distributed.parallelize import ParallelSettings
 from retro.optim.build import OptimSettings
 from retro.training.checkpoint import CheckpointSettings
+from retro.training.distill import DistillSettings
 from retro.training.errors import ConfigError
 from retro.training.model_source import ModelSettings
 from retro.training.recurrence import RecurrenceSettings
@@ -42,6 +43,7 @@ class JobConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,6 +25,7 @@ from retro.model.config import RetroConfig
 from retro.model.flops import FlopModel
 from retro.optim import build_optimizer
 from retro.training.checkpoint import Checkpointer, complete_checkpoints
+from retro.training.distill import build_teacher, release_teacher, teacher_targets
 from retro.training.errors import ConfigError, TrainingError
 from retro.training.job_config import JobConfig, save_config
 from retro.training.metrics import MetricsLog, truncate_after
@@ -49,24 +50,25 @@ def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int
             f"= {job.train.micro_batch} x {world_size}"
         )
     sources = [(source, "train") for source in job.data.train] + ([(job.data.val, "val")] if job.data.val else [])
-    tokenizer_dir = model_tokenizer_dir(job)
+    named = [(job.model.path, "model")] + ([(job.distill.teacher, "teacher")] if job.distill.enabled else [])
+    tokenizer_dirs = [(tokenizer_dir(path), whose) for path, whose in named if tokenizer_dir(path) is not None]
     for source, split in sources:
         shards = TokenShards(source, split=split)
         check_tokenizer_matches(shards, model_config.vocab_size)
-        if tokenizer_dir is not None and not job.data.allow_tokenizer_mismatch:
+        for directory, whose in tokenizer_dirs if not job.data.allow_tokenizer_mismatch else []:
             try:
-                check_tokenizer_matches(shards, tokenizer_dir)
+                check_tokenizer_matches(shards, directory)
             except ShardFormatError as error:
                 raise ConfigError(
-                    f"{error}. The model directory {tokenizer_dir} holds the tokenizer it was converted with; "
+                    f"{error}. The {whose} directory {directory} holds the tokenizer it was converted with; "
                     "re-run retro.data.prepare with it, or set data.allow_tokenizer_mismatch = true if the two "
                     "tokenizers are known to agree"
                 ) from None
 
 
-def model_tokenizer_dir(job: JobConfig) -> Path | None:
-    """The model directory when it carries tokenizer files (retro.convert copies the source's), else None."""
-    path = Path(job.model.path)
+def tokenizer_dir(path: str | Path) -> Path | None:
+    """A model directory when it carries tokenizer files (retro.convert copies the source's), else None."""
+    path = Path(path)
     return path if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")) else None
 
 
@@ -102,6 +104,11 @@ class Trainer:
         self.dtype = compute_dtype(t.dtype, info.device)
         self.model = build_model(job.model, self.model_config, job.parallel, self.mesh, info.device, self.dtype, t.seed)
         self.optimizer = build_optimizer(self.model, job.optim)
+        self.teacher = (
+            build_teacher(job.distill, self.model_config, job.parallel, self.mesh, info.device, self.dtype)
+            if job.distill.enabled
+            else None
+        )
         loader = job.data.train_loader(t.micro_batch, info.rank, info.world_size, t.seed)
         self.state = TrainState(scheduler_for(self.optimizer, job.optim, t.steps), loader)
         self.val_batches = job.data.val_batches(t.micro_batch, info.rank, info.world_size, t.val_batches)
@@ -164,19 +171,32 @@ class Trainer:
             )
 
     def forward_backward(self, batch: dict, step: int, micro: int, n: int, k: int) -> torch.Tensor:
-        """One micro-batch: loss / accumulation backpropagated through the last k of n + k passes."""
+        """One micro-batch: loss / accumulation backpropagated through the last k of n + k passes.
+
+        Returns [loss, ce, kd] / accumulation (ce = loss and kd = 0 without a teacher), detached.
+        """
         device = self.info.device
         autocast = self.dtype != torch.float32 and self.mesh is None  # FSDP2 casts through its mixed precision
+        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        generator = state_generator(self.job.train.seed, step, micro, self.info.rank, device)
         with torch.autocast(device.type, dtype=self.dtype, enabled=autocast):
+            distill = None
+            if self.teacher is not None:
+                distill = teacher_targets(self.teacher, self.job.distill, input_ids, labels, generator)
             loss = self.model(
-                batch["input_ids"].to(device),
-                shift_labels=batch["labels"].to(device),
+                input_ids,
+                shift_labels=labels,
                 num_recurrences=(n, k),
                 return_logits=False,
-                generator=state_generator(self.job.train.seed, step, micro, self.info.rank, device),
+                generator=generator,
+                loss_fn=distill,
             ).loss
+        if distill is not None:
+            release_teacher(self.teacher)
         (loss / self.accumulation).backward()
-        return loss.detach().float() / self.accumulation
+        loss = loss.detach().float()
+        parts = [loss, loss, torch.zeros_like(loss)] if distill is None else [loss, distill.parts.ce, distill.parts.kd]
+        return torch.stack(parts) / self.accumulation
 
     def train_step(self, step: int) -> dict:
         """Optimizer step `step` (0-based); returns its metrics record ("skipped" if not finite)."""
@@ -186,12 +206,12 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         draws = self.draws(step)
         self._check_ranks_agree(draws)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros(3, device=device)  # loss, ce, kd
         for micro, draw in enumerate(draws):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == self.accumulation - 1)
             loss_sum += self.forward_backward(next(self.batches), step, micro, draw["n"], draw["k"])
-        loss = all_reduce_mean(loss_sum).item()
+        loss, ce, kd = all_reduce_mean(loss_sum).tolist()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.job.train.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -212,6 +232,7 @@ class Trainer:
             "step_time_s": elapsed, "skipped": not finite,
             "mfu": self.flops.per_token(n, k) * self.tokens_per_step / elapsed / self.peak / self.info.world_size,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+            **({"ce": ce, "kd": kd} if self.teacher is not None else {}),
         }  # fmt: skip
 
     def validate(self) -> dict[str, float]:

@@ -1,0 +1,52 @@
+"""The distillation teacher: built from a Hugging Face directory or a retro directory, it is the source model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import save_source
+
+from retro.convert import convert
+from retro.distributed.parallelize import ParallelSettings
+from retro.model.config import RetroConfig
+from retro.training.distill import DistillSettings, build_teacher, teacher_targets
+from retro.training.errors import ConfigError
+from retro.training.job_config import load_config
+
+
+def student_config(vocab_size: int = 97) -> RetroConfig:
+    return RetroConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_attention_heads=2,
+                       num_key_value_heads=1, n_prelude=1, n_recurrent=1, n_coda=1)  # fmt: skip
+
+
+def teacher_of(path) -> torch.nn.Module:
+    settings = DistillSettings(teacher=str(path))
+    return build_teacher(settings, student_config(), ParallelSettings(), None, torch.device("cpu"), torch.float32)
+
+
+def test_hf_and_converted_teachers_reproduce_the_source_model(tmp_path):
+    source = save_source(tmp_path / "src", "llama")
+    convert(tmp_path / "src", tmp_path / "static", static=True)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = source(ids).logits
+    for path in (tmp_path / "src", tmp_path / "static"):
+        teacher = teacher_of(path)
+        assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+        targets = teacher_targets(teacher, DistillSettings(str(path)), ids, ids, None)
+        logits = targets.teacher.hidden @ targets.teacher.weight.T
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_teacher_with_another_vocabulary_is_a_config_error(tmp_path):
+    save_source(tmp_path / "src", "llama", vocab_size=101)
+    with pytest.raises(ConfigError, match="vocabulary of 101, the student 97"):
+        teacher_of(tmp_path / "src")
+    with pytest.raises(ConfigError, match="does not exist"):
+        teacher_of(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("key,value", [("alpha", "1.5"), ("alpha", "-0.1"), ("temperature", "0")])
+def test_out_of_range_settings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"distill.{key}"):
+        load_config(None, [f"distill.{key}={value}"])
