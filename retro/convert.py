@@ -27,7 +27,8 @@ from retro.model.adapter import Adapter
 from retro.model.config import STATE_INITS, RetroConfig
 
 
-def _load_source_config(model_dir: Path):
+def load_source_config(model_dir: Path):
+    """(transformers config, Architecture) of a local Hugging Face checkpoint directory; no weights read."""
     if not model_dir.is_dir():
         raise FileNotFoundError(f"source model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
@@ -81,7 +82,7 @@ def build_conversion(
     if state_init not in STATE_INITS:
         raise ValueError(f"--state-init must be one of {STATE_INITS}, got {state_init!r}")
     gguf = open_gguf(model_dir, gguf_file)  # None: a safetensors checkpoint directory
-    hf_config, arch = gguf.config_and_architecture() if gguf else _load_source_config(model_dir)
+    hf_config, arch = gguf.config_and_architecture() if gguf else load_source_config(model_dir)
     num_layers = hf_config.num_hidden_layers
     plan: LayerPlan = (
         static_plan(num_layers)
@@ -135,25 +136,14 @@ def build_conversion(
     return Conversion(config, tensors, summary, gguf, copied)
 
 
-def convert(
-    model_dir: str | Path,
-    out_dir: str | Path,
-    shape: tuple[int, int, int] | None = None,
-    layers: str | None = None,
-    static: bool = False,
-    adapter_init: str = "identity",
-    state_init: str = "trunc_normal",
-    default_recurrences: int = 1,
-    force: bool = False,
-    seed: int = 0,
-    gguf_file: str | None = None,
-) -> dict:
-    """Write a RetroForCausalLM checkpoint (config, safetensors, tokenizer files); return a summary."""
+def convert(model_dir: str | Path, out_dir: str | Path, force: bool = False, **request) -> dict:
+    """Write a RetroForCausalLM checkpoint (config, safetensors, tokenizer files); return a summary.
+
+    `request`: build_conversion's keywords (shape, layers or static; adapter_init, state_init, ...).
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, force, {"the source model": model_dir})
-    done = build_conversion(
-        model_dir, shape, layers, static, adapter_init, state_init, default_recurrences, seed, gguf_file
-    )
+    done = build_conversion(model_dir, **request)
     summary = {"out": str(out_dir), **done.summary}
     with staged_output(out_dir) as tmp:
         done.config.save_pretrained(tmp)
