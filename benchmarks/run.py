@@ -31,8 +31,9 @@ import torch
 from benchmarks.common import RESULTS, machine_info
 
 HERE = Path(__file__).parent
-# optimizer_convergence needs a demo run's model and shards (--model, --data): run it by hand.
-NOT_BENCHMARKS = {"__init__", "common", "run", "optimizer_convergence"}  # not timings: experiments
+# Not timings but experiments, run by hand: optimizer_convergence needs a demo run's model and shards
+# (--model, --data); distill_and_layers trains on a real model for about an hour.
+NOT_BENCHMARKS = {"__init__", "common", "run", "optimizer_convergence", "distill_and_layers"}
 
 # Small settings: the whole suite in < 10 minutes on 2 CPU cores. "{out}" is the scratch folder.
 CPU_SETTINGS: dict[str, list[str]] = {

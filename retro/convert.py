@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from retro.hf.archs import architecture_for
+from retro.hf.archs import Architecture, architecture_for
 from retro.hf.gguf import open_gguf
 from retro.hf.output_dir import TOKENIZER_FILES, check_output_dir, staged_output
 from retro.hf.surgery import LayerPlan, build_state_dict, plan_from_ranges, plan_from_shape, static_plan
@@ -49,6 +49,24 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     if len(values) != 3:
         raise ValueError(f"--shape must be three integers P,R,C (e.g. 4,8,4), got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def conversion_config(
+    hf_config, arch: Architecture, plan: LayerPlan, state_init: str = "trunc_normal", default_recurrences: int = 1
+) -> RetroConfig:
+    """The RetroConfig of a source config cut by `plan` (no weights read; the planner uses it too)."""
+    config = RetroConfig(
+        **arch.config_fields(hf_config),
+        n_prelude=len(plan.prelude),
+        n_recurrent=len(plan.block),
+        n_coda=len(plan.coda),
+        state_init=state_init,
+        default_recurrences=default_recurrences,
+        source_layers={"prelude": plan.prelude, "block": plan.block, "coda": plan.coda},
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["RetroForCausalLM"]
+    return config
 
 
 @dataclass
@@ -92,19 +110,8 @@ def build_conversion(
         else plan_from_shape(num_layers, *shape)
     )
     reader = gguf.weights() if gguf else WeightReader(model_dir)
-
+    config = conversion_config(hf_config, arch, plan, state_init, default_recurrences)
     fields = arch.config_fields(hf_config)
-    config = RetroConfig(
-        **fields,
-        n_prelude=len(plan.prelude),
-        n_recurrent=len(plan.block),
-        n_coda=len(plan.coda),
-        state_init=state_init,
-        default_recurrences=default_recurrences,
-        source_layers={"prelude": plan.prelude, "block": plan.block, "coda": plan.coda},
-        tie_word_embeddings=False,
-    )
-    config.architectures = ["RetroForCausalLM"]
     tensors = build_state_dict(reader.get, arch, fields, plan, bool(getattr(hf_config, "tie_word_embeddings", False)))
     if config.is_recurrent:
         adapter = Adapter(config.hidden_size)  # [0 | I] on construction

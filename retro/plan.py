@@ -4,7 +4,8 @@ Per step and per run: loop-aware FLOPs over the recurrence curriculum (retro.mod
 retro.training.recurrence.RecurrenceSchedule), tokens/s and wall time at an assumed MFU, memory per GPU
 (parameters, gradients, optimizer state, activations with and without per-recurrence
 checkpointing at the tail of the sampled r distribution), and the communication volume of one
-step for FSDP vs HSDP at 8, 64 and 512 GPUs. `--check` compares the memory and FLOP model with
+step for FSDP vs HSDP at 8, 64 and 512 GPUs. With `distill.teacher` set, the teacher's forward FLOPs and
+memory are included (its config is read, no weight). `--check` compares the memory and FLOP model with
 what a small CPU model actually allocates and computes (retro/planning/check.py).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from retro.distributed.hardware import GPUS
 from retro.planning.report import format_plan, plan
 from retro.planning.shapes import PRESETS, model_shape
+from retro.training.distill import check_teacher
 from retro.training.job_config import ConfigError, load_config, split_cli_overrides
 
 
@@ -51,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
         model_config = model_shape(job, args.model_config, args.preset)
+        teacher = check_teacher(job.distill, model_config) if job.distill.enabled else None
     except (ConfigError, ValueError) as error:
         print(f"retro.plan: error: {error}", file=sys.stderr)
         return 2
-    result = plan(job, model_config, args.gpus, GPUS[args.gpu], args.mfu)
+    result = plan(job, model_config, args.gpus, GPUS[args.gpu], args.mfu, teacher)
     print(format_plan(result, job))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

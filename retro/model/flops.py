@@ -46,3 +46,9 @@ class FlopModel:
         grad += 12 * attn * (self.n_stage_layers + k * self.n_block_layers)
         no_grad = n * (2 * self.pass_params + 4 * attn * self.n_block_layers)
         return float(grad + no_grad)
+
+    def forward_per_token(self, r: int = 1) -> float:
+        """A forward without gradient at r passes, the head included: a distillation teacher's cost."""
+        attn = self.seq_len * self.attn_dim
+        weights = self.stage_params + self.head_params + self.inject_params + r * self.pass_params
+        return float(2 * weights + 4 * attn * (self.n_stage_layers + r * self.n_block_layers))

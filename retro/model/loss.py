@@ -129,6 +129,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 
 LOSS_CHUNK_ROWS = 4096  # rows of [rows, vocab] logits alive at once (the planner counts the same)
+# Distillation holds about three more fp32 [rows, vocab] buffers per chunk (teacher log-probs and probs,
+# student softmax(z / T)): a quarter of the rows keeps its peak near CE's.
+DISTILL_CHUNK_ROWS = LOSS_CHUNK_ROWS // 4
 
 
 def _head_loss(hidden, weight, targets, chunk_rows: int, teacher: Teacher | None) -> HeadLoss:
@@ -158,7 +161,7 @@ def linear_distillation_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     teacher: Teacher,
-    chunk_rows: int = LOSS_CHUNK_ROWS,
+    chunk_rows: int = DISTILL_CHUNK_ROWS,
 ) -> HeadLoss:
     """(1 - a) * CE + a * T^2 * KL(teacher || student) over the non-ignored targets' rows, chunked.
 

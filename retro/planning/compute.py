@@ -19,10 +19,11 @@ def r_quantile(mean: float, sigma: float, q: float, cap: int | None) -> int:
     return min(r, cap) if cap else r
 
 
-def run_flops(job: JobConfig, flops: FlopModel) -> dict:
+def run_flops(job: JobConfig, flops: FlopModel, teacher_per_token: float = 0.0) -> dict:
     """Expected training FLOPs of every step of the curriculum, grouped by the mean m in force.
 
-    per_token(n, k) is linear in n and k, so E[FLOPs] = per_token(E[n], E[k]) exactly.
+    per_token(n, k) is linear in n and k, so E[FLOPs] = per_token(E[n], E[k]) exactly. `teacher_per_token`:
+    what every step adds whatever r is drawn (a distillation teacher's forward).
     """
     schedule = RecurrenceSchedule.from_settings(job.recurrence, job.train.steps, job.train.seed)
     tokens = job.train.global_batch * job.data.seq_len
@@ -39,10 +40,10 @@ def run_flops(job: JobConfig, flops: FlopModel) -> dict:
                 "steps": 0,
                 "E[r]": er,
                 "E[k]": ek,
-                "flops_per_step": flops.per_token(er - ek, ek) * tokens,
+                "flops_per_step": (flops.per_token(er - ek, ek) + teacher_per_token) * tokens,
                 "p99_r": tail_r,
                 "p99_k": tail_k,
-                "p99_flops_per_step": flops.per_token(tail_n, tail_k) * tokens,
+                "p99_flops_per_step": (flops.per_token(tail_n, tail_k) + teacher_per_token) * tokens,
             }
         phases[m]["steps"] += 1
     total = sum(p["steps"] * p["flops_per_step"] for p in phases.values())
@@ -51,4 +52,5 @@ def run_flops(job: JobConfig, flops: FlopModel) -> dict:
         "total_flops": total,
         "tokens": tokens * job.train.steps,
         "tokens_per_step": tokens,
+        "teacher_flops_per_step": teacher_per_token * tokens,
     }

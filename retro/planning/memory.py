@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from retro.model.config import RetroConfig
-from retro.model.loss import LOSS_CHUNK_ROWS
+from retro.model.loss import DISTILL_CHUNK_ROWS, LOSS_CHUNK_ROWS
 from retro.training.job_config import JobConfig
 
 
@@ -92,9 +92,21 @@ def activation_bytes(
 
 
 def memory_per_gpu(
-    model_config: RetroConfig, job: JobConfig, shard: int, micro_batch: int, k: int, on_gpu: bool = True, accum: int = 1
+    model_config: RetroConfig,
+    job: JobConfig,
+    shard: int,
+    micro_batch: int,
+    k: int,
+    on_gpu: bool = True,
+    accum: int = 1,
+    teacher: RetroConfig | None = None,
 ) -> dict[str, float]:
-    """Bytes per GPU; parameters, gradients and optimizer state sharded over `shard` ranks (fp32)."""
+    """Bytes per GPU; parameters, gradients and optimizer state sharded over `shard` ranks (fp32).
+
+    A distillation teacher adds its parameters (in the compute dtype, sharded), its gathered root
+    (embeddings, norm, head: kept until the student's loss) and its loss chunk (DISTILL_CHUNK_ROWS rows of
+    five fp32 [rows, vocab] buffers; CE's smaller chunk is counted with the activations).
+    """
     units = sharding_units(model_config)
     total = sum(units.values())
     muon, adamw = optimizer_split(model_config, job.optim.name)
@@ -107,6 +119,12 @@ def memory_per_gpu(
         "gathered units (current + prefetch)": 2 * max(units.values()) * b if shard > 1 else 0,
         "unsharded grads kept across micro-batches": total * 4 if accum > 1 and shard > 1 else 0,
     }
+    if teacher is not None:
+        teacher_units = sharding_units(teacher)
+        out["teacher params (compute dtype, sharded)"] = b * sum(teacher_units.values()) / shard
+        out["teacher gathered root + layer"] = (teacher_units["root"] + max(teacher_units.values())) * b
+        rows = min(tokens, DISTILL_CHUNK_ROWS)  # its [rows, vocab] buffers: CE's two and three more, fp32
+        out["distillation loss chunk"] = rows * teacher.vocab_size * 4 * 5
     for mode in ("none", "recurrence"):
         acts = activation_bytes(model_config, tokens, k, mode, b, fused_norm=on_gpu)
         out[f"activations, checkpointing={mode}"] = acts["held"]

@@ -17,10 +17,16 @@ def gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
 
-def plan(job: JobConfig, model_config: RetroConfig, gpus: int, gpu: GpuSpec, mfu: float) -> dict:
-    """Everything the report prints, as numbers (also what --json writes)."""
+def plan(
+    job: JobConfig, model_config: RetroConfig, gpus: int, gpu: GpuSpec, mfu: float, teacher: RetroConfig | None = None
+) -> dict:
+    """Everything the report prints, as numbers (also what --json writes); `teacher`: distill.teacher's config."""
     flops = FlopModel.from_config(model_config, job.data.seq_len)
-    run = run_flops(job, flops)
+    teacher_per_token = 0.0
+    if teacher is not None:
+        teacher_r = teacher.default_recurrences if teacher.is_recurrent else 1
+        teacher_per_token = FlopModel.from_config(teacher, job.data.seq_len).forward_per_token(teacher_r)
+    run = run_flops(job, flops, teacher_per_token)
     units = sharding_units(model_config)
     muon, adamw = optimizer_split(model_config, job.optim.name)
     rate = mfu * gpu.peak_flops * gpus
@@ -40,6 +46,7 @@ def plan(job: JobConfig, model_config: RetroConfig, gpus: int, gpu: GpuSpec, mfu
             split[0] if split else job.train.micro_batch,
             last["p99_k"],
             accum=split[1] if split else 1,
+            teacher=teacher,
         )
         if shard >= 1
         else {}
@@ -121,6 +128,12 @@ def format_plan(p: dict, job: JobConfig) -> str:
         f"{run['seconds'] / 3600:.1f} h wall, {run['gpu_hours']:,.0f} GPU-hours, mean "
         f"{run['tokens_per_s']:,.0f} tokens/s",
     ]
+    if run["teacher_flops_per_step"]:
+        share = run["teacher_flops_per_step"] / phases[-1]["flops_per_step"]
+        lines.append(
+            f"distillation: the teacher's forward adds {run['teacher_flops_per_step'] / 1e15:.2f} PFLOP every step "
+            f"({share:.0%} of a final-phase step), included above"
+        )
     if p["memory"]:
         mb = p["micro_batch"]
         lines += [

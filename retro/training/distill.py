@@ -51,16 +51,33 @@ def is_retro_dir(path: Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == RetroConfig.model_type
 
 
-def teacher_source(settings: DistillSettings) -> tuple[RetroConfig, object, object]:
-    """(config, get_rows, get_shape) of the teacher: read by rows from a retro directory, or converted in
-    memory from a Hugging Face directory / GGUF file (every layer kept, no recurrence: the source model)."""
+def teacher_config(settings: DistillSettings) -> RetroConfig:
+    """The teacher's RetroConfig, no weight read: what start-up checks and the planner need."""
     path = Path(settings.teacher)
     if not path.exists():
         raise ConfigError(f"distill.teacher = {settings.teacher!r} does not exist")
     if path.is_dir() and is_retro_dir(path):
+        return RetroConfig.from_pretrained(path)
+    from retro.convert import conversion_config, load_source_config  # the command module; only for this path
+    from retro.hf.gguf import open_gguf
+    from retro.hf.surgery import static_plan
+
+    try:
+        gguf = open_gguf(path, None)
+        hf_config, arch = gguf.config_and_architecture() if gguf else load_source_config(path)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise ConfigError(f"distill.teacher = {settings.teacher!r}: {error}") from None
+    return conversion_config(hf_config, arch, static_plan(hf_config.num_hidden_layers))
+
+
+def teacher_source(settings: DistillSettings) -> tuple[RetroConfig, object, object]:
+    """(config, get_rows, get_shape) of the teacher: read by rows from a retro directory, or converted in
+    memory from a Hugging Face directory / GGUF file (every layer kept, no recurrence: the source model)."""
+    path = Path(settings.teacher)
+    if path.is_dir() and is_retro_dir(path):
         reader = WeightReader(path)
-        return RetroConfig.from_pretrained(path), reader.get_rows, reader.shape
-    from retro.convert import build_conversion  # the command module; imported only for this path
+        return teacher_config(settings), reader.get_rows, reader.shape
+    from retro.convert import build_conversion
 
     try:
         done = build_conversion(path, static=True)
@@ -70,13 +87,16 @@ def teacher_source(settings: DistillSettings) -> tuple[RetroConfig, object, obje
     return done.config, lambda name, a, b: tensors[name][a:b], lambda name: list(tensors[name].shape)
 
 
-def check_teacher(settings: DistillSettings, teacher_config: RetroConfig, student_config: RetroConfig) -> None:
-    if teacher_config.vocab_size != student_config.vocab_size:
+def check_teacher(settings: DistillSettings, student_config: RetroConfig) -> RetroConfig:
+    """The teacher's config, after checking it can teach this student (before any weight is read)."""
+    config = teacher_config(settings)
+    if config.vocab_size != student_config.vocab_size:
         raise ConfigError(
-            f"distill.teacher = {settings.teacher!r} has a vocabulary of {teacher_config.vocab_size}, the student "
+            f"distill.teacher = {settings.teacher!r} has a vocabulary of {config.vocab_size}, the student "
             f"{student_config.vocab_size}: distillation compares the two distributions token by token, so the "
             "tokenizers must be the same"
         )
+    return config
 
 
 def build_teacher(
@@ -87,13 +107,15 @@ def build_teacher(
     device: torch.device,
     dtype: torch.dtype,
 ) -> RetroForCausalLM:
-    """The frozen teacher on the meta device -> FSDP2 (the student's sharding, no activation
-    checkpointing: nothing is saved for backward) -> each rank reads only its rows."""
+    """The frozen teacher on the meta device, in the compute dtype -> FSDP2 (the student's sharding, no
+    activation checkpointing: nothing is saved for backward) -> each rank reads only its rows."""
+    check_teacher(settings, student_config)
     config, get_rows, get_shape = teacher_source(settings)
-    check_teacher(settings, config, student_config)
     with torch.device("meta"):
         teacher = RetroForCausalLM(config)
-    teacher.requires_grad_(False)
+    for param in teacher.parameters():  # frozen: held in the compute dtype, no fp32 master copy (buffers stay)
+        param.requires_grad_(False)
+        param.data = param.data.to(dtype)
     parallelize(teacher, mesh, ParallelSettings(parallel.replicate, "none", parallel.compile), dtype)
     teacher.to_empty(device=device)
     load_rows_into(teacher, get_rows, get_shape)

@@ -25,7 +25,7 @@ from retro.model.config import RetroConfig
 from retro.model.flops import FlopModel
 from retro.optim import build_optimizer
 from retro.training.checkpoint import Checkpointer, complete_checkpoints
-from retro.training.distill import build_teacher, release_teacher, teacher_targets
+from retro.training.distill import build_teacher, check_teacher, release_teacher, teacher_targets
 from retro.training.errors import ConfigError, TrainingError
 from retro.training.job_config import JobConfig, save_config
 from retro.training.metrics import MetricsLog, truncate_after
@@ -49,6 +49,8 @@ def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int
             f"train.global_batch = {job.train.global_batch} is not divisible by train.micro_batch x ranks "
             f"= {job.train.micro_batch} x {world_size}"
         )
+    if job.distill.enabled:
+        check_teacher(job.distill, model_config)  # exists, same vocabulary: before any weight is read
     sources = [(source, "train") for source in job.data.train] + ([(job.data.val, "val")] if job.data.val else [])
     named = [(job.model.path, "model")] + ([(job.distill.teacher, "teacher")] if job.distill.enabled else [])
     tokenizer_dirs = [(tokenizer_dir(path), whose) for path, whose in named if tokenizer_dir(path) is not None]
@@ -132,6 +134,11 @@ class Trainer:
                 truncate_after(metrics, self.state.step)  # the steps after the checkpoint are re-run
             self.log = MetricsLog(metrics, self.out_dir / "tensorboard" if t.tensorboard else None)
         self.flops = FlopModel.from_config(self.model_config, job.data.seq_len)
+        self.teacher_flops = 0.0  # per token: the teacher's forward is work the step does, so MFU counts it
+        if self.teacher is not None:
+            teacher_config = self.teacher.config
+            teacher_r = teacher_config.default_recurrences if teacher_config.is_recurrent else 1
+            self.teacher_flops = FlopModel.from_config(teacher_config, job.data.seq_len).forward_per_token(teacher_r)
         self.peak = peak_flops(info.device)
         self.tokens_per_step = t.global_batch * job.data.seq_len
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -230,7 +237,8 @@ class Trainer:
             "mean_recurrence": draws[0]["mean"], "capped": sum(d["capped"] for d in draws),
             "tokens": (step + 1) * self.tokens_per_step, "tokens_per_s": self.tokens_per_step / elapsed,
             "step_time_s": elapsed, "skipped": not finite,
-            "mfu": self.flops.per_token(n, k) * self.tokens_per_step / elapsed / self.peak / self.info.world_size,
+            "mfu": (self.flops.per_token(n, k) + self.teacher_flops) * self.tokens_per_step / elapsed / self.peak
+                   / self.info.world_size,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
             **({"ce": ce, "kd": kd} if self.teacher is not None else {}),
         }  # fmt: skip

@@ -50,3 +50,18 @@ def test_a_teacher_with_another_vocabulary_is_a_config_error(tmp_path):
 def test_out_of_range_settings_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"distill.{key}"):
         load_config(None, [f"distill.{key}={value}"])
+
+
+def test_a_bf16_teacher_is_held_in_bf16_and_close_to_fp32(tmp_path):
+    save_source(tmp_path / "src", "llama")
+    settings = DistillSettings(teacher=str(tmp_path / "src"))
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        teacher = build_teacher(settings, student_config(), ParallelSettings(), None, torch.device("cpu"), dtype)
+        assert {p.dtype for p in teacher.parameters()} == {dtype}
+        assert teacher.model.inv_freq.dtype == torch.float32  # RoPE frequencies stay exact
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            t = teacher_targets(teacher, settings, ids, ids, None).teacher
+        logits[dtype] = (t.hidden.float() @ t.weight.float().T).float()
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], rtol=0.05, atol=0.05)

@@ -141,3 +141,39 @@ def test_cli_missing_model_config(tmp_path, capsys):
     config.write_text(f'[model]\npath = "{tmp_path / "nowhere"}"\n')
     assert main(["--config", str(config)]) == 2
     assert "no model config at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_forward_flops_match_a_counted_no_grad_forward(static):
+    """A distillation teacher's cost: FlopModel.forward_per_token against FlopCounterMode, head included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from retro.model.modeling import RetroForCausalLM
+    from retro.planning.check import CHECK_SHAPE, EXTRA_FORMULAS
+
+    shape = {**CHECK_SHAPE, "n_prelude": 4, "n_recurrent": 0, "n_coda": 0} if static else CHECK_SHAPE
+    model_config, r = RetroConfig(**shape), 1 if static else 3
+    ids = torch.randint(0, model_config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
+        RetroForCausalLM(model_config)(ids, num_recurrences=r)
+    planned = FlopModel.from_config(model_config, 64).forward_per_token(r) * ids.numel()
+    assert abs(planned - counter.get_total_flops()) <= TOLERANCE * counter.get_total_flops()
+
+
+def test_cli_counts_a_distillation_teacher(tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    RetroConfig(**{**PRESETS["llama32-464"], "n_prelude": 16, "n_recurrent": 0, "n_coda": 0}).save_pretrained(teacher)
+    args = ["--preset", "llama32-464", "--gpus", "8", "--train.steps=500", "--data.seq_len=1024"]
+    plain, distilled = tmp_path / "plain.json", tmp_path / "distilled.json"
+    assert main([*args, "--json", str(plain)]) == 0
+    assert main([*args, "--json", str(distilled), f"--distill.teacher={teacher}"]) == 0
+    assert "distillation: the teacher's forward adds" in capsys.readouterr().out
+    a, b = json.loads(plain.read_text()), json.loads(distilled.read_text())
+    teacher_step = b["run"]["teacher_flops_per_step"]
+    tokens = b["run"]["tokens_per_step"]
+    teacher_flops = FlopModel.from_config(RetroConfig.from_pretrained(teacher), 1024).forward_per_token(1)
+    assert teacher_step == pytest.approx(teacher_flops * tokens)
+    assert b["run"]["total_flops"] == pytest.approx(a["run"]["total_flops"] + 500 * teacher_step)
+    assert b["memory"]["teacher params (compute dtype, sharded)"] > 0 and "distillation loss chunk" in b["memory"]
+    missing = main([*args, f"--distill.teacher={tmp_path / 'nope'}"])
+    assert missing == 2 and "does not exist" in capsys.readouterr().err
