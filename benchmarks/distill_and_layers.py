@@ -8,10 +8,11 @@ Two questions, each against the paper's (6,10,6) recipe of benchmarks.real_retro
      (1 - a) CE + a T^2 KL, a = 0.5, T = 1 (fixed beforehand). Forgetting = WikiText-2 loss after
      post-training (general text, never trained on); the task = held-out GSM8K loss. Step time side by
      side: short runs with and without the teacher, interleaved.
-  2. Layers: python -m retro.select_layers on GSM8K train tokens ranks (6,10,6) layer choices by angular
-     distance and measures the r = 1 loss of the top rows on held-out train windows; the best measured
-     one (the proposal) against the paper's rule (first 6, last 6, the 10 before them): post-surgery loss at
-     r = 1, then the same post-training and evaluation.
+  2. Layers: python -m retro.select_layers on GSM8K train windows, twice: --shape 6,10,6 (which 10-layer
+     block) and --budget 22 (which 22 layers, any split). Each ranks cuts by angular distance and measures
+     the r = 1 loss of the top rows on held-out train windows; the best measured one (the proposal), if it
+     keeps other layers than the paper's rule (first 6, last 6, the 10 before them), is converted and
+     post-trained and evaluated as above.
 Writes benchmarks/results/distill_and_layers/: results.json, results.md, losses.png.
 """
 
@@ -55,37 +56,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def select_layers(stages: Stages, args, gguf: Path, data: Path) -> dict:
-    """retro.select_layers on GSM8K *train* windows (the evaluations use the val split); its JSON."""
-    out = stages.work / "select_layers"
-    cmd = [
-        *PY,
-        "-m",
-        "retro.select_layers",
-        "--model",
-        str(gguf),
-        "--data",
-        str(data),
-        "--split",
-        "train",
-        "--shape",
-        SHAPE,
-        "--calibration-tokens",
-        str(args.calibration_tokens),
-        "--seq-len",
-        "256",
-        "--measure",
-        str(args.measure),
-        "--out",
-        str(out),
-        "--force",
-    ]
-    stages.run("select_layers", cmd, [out / "selection.json"])
+def select_layers(stages: Stages, args, gguf: Path, data: Path, how: list[str], name: str) -> dict:
+    """retro.select_layers on GSM8K *train* windows (the evaluations use the val split); its JSON.
+
+    `how`: ["--shape", "6,10,6"] (which 10-layer block) or ["--budget", "22"] (which 22 layers, any split)."""
+    out = stages.work / name
+    cmd = [*PY, "-m", "retro.select_layers", "--model", str(gguf), "--data", str(data), "--split", "train", *how]
+    cmd += ["--calibration-tokens", str(args.calibration_tokens), "--seq-len", "256", "--measure", str(args.measure)]
+    stages.run(name, [*cmd, "--out", str(out), "--force"], [out / "selection.json"])
     return json.loads((out / "selection.json").read_text())
 
 
+def proposal(selection: dict, measure: int, paper_dropped: list[int]) -> dict:
+    """The lowest measured r = 1 loss (held-out train windows) among the top rows by the proxy. A row stands for
+    every split that drops its layers (they are one function at r = 1); the split with the paper's block size
+    R = 10 (then the closest P, C) is taken, so the comparison changes which layers are kept, not what a pass
+    costs."""
+    measured = [c for c in selection["candidates"][:measure] if c.get("loss_r1") is not None]
+    top = dict(min(measured, key=lambda c: c["loss_r1"]) if measured else selection["candidates"][0])
+    splits = [top["layers"], *top["equivalent"]]
+
+    def distance(layers: str) -> tuple[int, int]:
+        sizes = [int(b) - int(a) + 1 for a, b in (part.split("-") for part in layers.split(","))]
+        return abs(sizes[1] - 10), sum(abs(x - y) for x, y in zip(sizes, (6, 10, 6)))
+
+    top["layers"] = min(splits, key=distance)
+    top["shape"] = [int(b) - int(a) + 1 for a, b in (part.split("-") for part in top["layers"].split(","))]
+    top["same_as_paper"] = top["dropped"] == paper_dropped and top["shape"] == [6, 10, 6]
+    top["paper_row"] = next((c for c in selection["candidates"] if c["dropped"] == paper_dropped), None)
+    return top
+
+
 def loss(table: dict, model: Path, r: int) -> float:
-    return table[model.name]["runs"][r]["metrics"]["loss"]
+    """A model's loss at r in an eval_losses table (labelled by directory name, or by path when names collide)."""
+    entry = table[model.name] if model.name in table else table[str(model)]
+    return entry["runs"][r]["metrics"]["loss"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,25 +142,37 @@ def main(argv: list[str] | None = None) -> int:
             )
             timing[variant] += [r["step_time_s"] for r in run.records[1:]]  # the first step warms up
 
-    # 2. which layers: proposals on train tokens, the top one converted and post-trained as the paper's
-    selection = select_layers(stages, args, gguf, data.gsm8k)
-    # the proposal: the lowest measured r = 1 loss (held-out train windows) among the top rows by the proxy
-    measured = [c for c in selection["candidates"][: args.measure] if c.get("loss_r1") is not None]
-    top = min(measured, key=lambda c: c["loss_r1"]) if measured else selection["candidates"][0]
-    proposed = paper if top["paper_rule"] else convert_model(stages, gguf, "proposed_6106", layers=top["layers"])
+    # 2. which layers: the best 10-layer block for (6,10,6), and the best 22 kept layers with any split
+    paper_dropped = list(range(6, 14))
+    selections = {
+        "shape": select_layers(stages, args, gguf, data.gsm8k, ["--shape", SHAPE], "select_layers"),
+        "budget": select_layers(stages, args, gguf, data.gsm8k, ["--budget", "22"], "select_layers_budget"),
+    }
+    proposals = {kind: proposal(sel, args.measure, paper_dropped) for kind, sel in selections.items()}
+    budget_paper = proposals["budget"]["paper_row"]
+    if budget_paper is not None and budget_paper.get("loss_r1") is None:  # same windows in both runs
+        budget_paper["loss_r1"] = proposals["shape"]["paper_row"]["loss_r1"]
+    proposed: dict[str, Path] = {}
+    for kind, top in proposals.items():
+        if not top["same_as_paper"] and top["layers"] not in [proposals[k]["layers"] for k in proposed]:
+            proposed[kind] = convert_model(stages, gguf, f"proposed_{kind}", layers=top["layers"])
     surgery = {
-        k: eval_losses(stages, settings, f"dl_surgery_{k}", [teacher, paper, proposed], d, "1")
+        k: eval_losses(stages, settings, f"dl_surgery_{k}", [teacher, paper, *proposed.values()], d, "1")
         for k, d in data.shards.items()
     }
-    if proposed != paper:
-        post_train("layers", "proposed", proposed, RECIPE)
-    models = [runs[v][s]["model"] for v in runs for s in seeds]
-    after = {
-        "gsm8k": eval_losses(stages, settings, "dl_after_gsm8k", models, data.gsm8k, GSM8K_R),
-        "wikitext2": eval_losses(stages, settings, "dl_after_wikitext2", models, data.wikitext2, WIKI_R),
-    }
+    after = {"gsm8k": {}, "wikitext2": {}}
+    groups = {"": ["paper", "distill"]}
+    for kind, model in proposed.items():
+        post_train(f"layers_{kind}", f"proposed_{kind}", model, RECIPE)
+        groups.setdefault("_layers", []).append(f"layers_{kind}")
+    for suffix, variants in groups.items():
+        models = [runs[v][s]["model"] for v in variants for s in seeds]
+        after["gsm8k"] |= eval_losses(stages, settings, f"dl_after_gsm8k{suffix}", models, data.gsm8k, GSM8K_R)
+        after["wikitext2"] |= eval_losses(
+            stages, settings, f"dl_after_wikitext2{suffix}", models, data.wikitext2, WIKI_R
+        )
 
-    payload = report(args, seeds, selection, top, surgery, after, runs, timing, teacher, paper, proposed)
+    payload = report(args, seeds, proposals, surgery, after, runs, timing, teacher, paper, proposed)
     payload["wall_s"] = round(time.perf_counter() - started)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,22 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(args, seeds, selection, top, surgery, after, runs, timing, teacher, paper, proposed) -> dict:
+def report(args, seeds, proposals, surgery, after, runs, timing, teacher, paper, proposed) -> dict:
     def per_seed(variant: str, table: dict, r: int) -> list[float]:
         return [loss(table, runs[variant][s]["model"], r) for s in seeds]
 
     post = {}
     for variant in runs:
+        records = [runs[variant][s]["records"] for s in seeds]
         post[variant] = {
             "gsm8k_val": {r: per_seed(variant, after["gsm8k"], int(r)) for r in GSM8K_R.split(",")},
             "wikitext2": {r: per_seed(variant, after["wikitext2"], int(r)) for r in WIKI_R.split(",")},
-            "final_ce": [
-                runs[variant][s]["records"][-1].get("ce", runs[variant][s]["records"][-1]["loss"]) for s in seeds
-            ],
-            "median_step_s": [
-                statistics.median(r["step_time_s"] for r in runs[variant][s]["records"][1:]) for s in seeds
-            ],
+            "final_train_ce": [rs[-1].get("ce", rs[-1]["loss"]) for rs in records],
+            "final_train_kd": [rs[-1].get("kd") for rs in records],
+            "median_step_s": [statistics.median(r["step_time_s"] for r in rs[1:]) for rs in records],
         }
+    models = {"source": teacher, "paper": paper} | {f"layers_{k}": m for k, m in proposed.items()}
     return {
         "settings": {
             "shape": SHAPE,
@@ -191,18 +207,11 @@ def report(args, seeds, selection, top, surgery, after, runs, timing, teacher, p
             "temperature": args.temperature,
             "eval_tokens": args.eval_batches * 4 * 256,
             "calibration_tokens": args.calibration_tokens,
+            "measure": args.measure,
             "recipe": RECIPE,
         },
-        "layers": {
-            "paper_rule": next(c for c in selection["candidates"] if c["paper_rule"]),
-            "proposed": top,
-            "top_candidates": selection["candidates"][: max(5, args.measure)],
-            "source_loss": selection.get("source_loss"),
-        },
-        "surgery_r1": {
-            k: {"source": loss(t, teacher, 1), "paper": loss(t, paper, 1), "proposed": loss(t, proposed, 1)}
-            for k, t in surgery.items()
-        },
+        "layers": proposals,
+        "surgery_r1": {k: {name: loss(t, m, 1) for name, m in models.items()} for k, t in surgery.items()},
         "post_training": post,
         "timing": {v: {"median_step_s": statistics.median(t), "steps": len(t)} for v, t in timing.items()}
         | {"ratio": statistics.median(timing["distill"]) / statistics.median(timing["plain"])},
@@ -214,13 +223,18 @@ def _pair(values: list[float]) -> str:
 
 
 def markdown(p: dict) -> str:
-    s, post = p["settings"], p["post_training"]
+    s, post, sr = p["settings"], p["post_training"], p["surgery_r1"]
+    names = {
+        "paper": "paper's rule 0-5,14-23,24-29, CE",
+        "distill": f"paper's rule, distilled (a = {s['alpha']}, T = {s['temperature']})",
+    } | {f"layers_{k}": f"{k} proposal {v['layers']}, CE" for k, v in p["layers"].items()}
     lines = [
         "# Distillation and layer choice: SmolLM2-135M-Instruct as (6,10,6)",
         "",
-        f"Command: `python -m benchmarks.distill_and_layers` ({p.get('wall_s', 0) / 60:.0f} min). {s['steps']} steps "
-        f"x 2,048 GSM8K tokens, Muon, 1-sqrt to M = 4, 2 gloo ranks; seeds {s['seeds']} (values seed 0 / seed 1). "
-        f"Losses on {s['eval_tokens']:,} held-out tokens each (GSM8K val split; WikiText-2 test articles never "
+        f"Command: `python -m benchmarks.distill_and_layers` ({p.get('wall_s', 0) / 60:.0f} min; stages reused "
+        f"from `benchmarks.real_retrofit`'s work dir are not in that time). {s['steps']} steps x 2,048 GSM8K tokens, "
+        f"Muon, 1-sqrt to M = 4, 2 gloo ranks; seeds {s['seeds']} (cells: seed 0 / seed 1). Losses on "
+        f"{s['eval_tokens']:,} held-out tokens each (GSM8K: the val split; WikiText-2: test articles, never "
         "trained on), bf16.",
         "",
         "## After post-training, at equal steps",
@@ -228,35 +242,42 @@ def markdown(p: dict) -> str:
         "| run | GSM8K val r=1 | r=4 | r=32 | WikiText-2 r=1 | r=4 | median step s |",
         "|---|---|---|---|---|---|---|",
     ]
-    names = {
-        "paper": "paper's layers, CE",
-        "distill": f"paper's layers, distilled (a={s['alpha']}, T={s['temperature']})",
-        "layers": "proposed layers, CE",
-    }
     for variant, v in post.items():
         g, w = v["gsm8k_val"], v["wikitext2"]
         lines.append(
             f"| {names[variant]} | {_pair(g['1'])} | {_pair(g['4'])} | {_pair(g['32'])} | {_pair(w['1'])} | "
             f"{_pair(w['4'])} | {_pair(v['median_step_s'])} |"
         )
-    sr = p["surgery_r1"]
     lines += [
         "",
         "## Post-surgery loss at r = 1 (before any training)",
         "",
         "| model | GSM8K val | WikiText-2 |",
         "|---|---|---|",
-        f"| source (30 layers) | {sr['gsm8k']['source']:.3f} | {sr['wikitext2']['source']:.3f} |",
-        f"| paper's rule {p['layers']['paper_rule']['layers']} | {sr['gsm8k']['paper']:.3f} | "
-        f"{sr['wikitext2']['paper']:.3f} |",
-        f"| proposed {p['layers']['proposed']['layers']} | {sr['gsm8k']['proposed']:.3f} | "
-        f"{sr['wikitext2']['proposed']:.3f} |",
+    ]
+    labels = {"source": "source (all 30 layers)", "paper": "paper's rule 0-5,14-23,24-29"} | {
+        f"layers_{k}": f"{k} proposal {v['layers']}" for k, v in p["layers"].items()
+    }
+    for name in sr["gsm8k"]:
+        lines.append(f"| {labels[name]} | {sr['gsm8k'][name]:.3f} | {sr['wikitext2'][name]:.3f} |")
+    lines += ["", "## retro.select_layers on GSM8K train windows", ""]
+    for kind, v in p["layers"].items():
+        paper_row = v["paper_row"] or {}
+        paper_loss = paper_row.get("loss_r1") or float("nan")
+        lines.append(
+            f"- `--{'shape 6,10,6' if kind == 'shape' else 'budget 22'}`: best measured proposal {v['layers']} "
+            f"(proxy rank {v['rank']}, drops {v['dropped']}, r = 1 loss {v['loss_r1']:.4f} on held-out train "
+            f"windows); the paper's rule: proxy rank {paper_row.get('rank')}, r = 1 loss {paper_loss:.4f}"
+            + (": the same layers as the paper's rule" if v["same_as_paper"] else "")
+        )
+    t = p["timing"]
+    lines += [
         "",
         "## The teacher's cost",
         "",
-        f"Median step time, short runs interleaved on the same cores: {p['timing']['plain']['median_step_s']:.2f} s "
-        f"without, {p['timing']['distill']['median_step_s']:.2f} s with the teacher "
-        f"(x{p['timing']['ratio']:.2f}; {p['timing']['plain']['steps']} steps each).",
+        f"Median step time of short runs interleaved on the same cores: {t['plain']['median_step_s']:.2f} s "
+        f"without, {t['distill']['median_step_s']:.2f} s with the teacher (x{t['ratio']:.2f}; "
+        f"{t['plain']['steps']} steps each).",
         "",
     ]
     return "\n".join(lines)

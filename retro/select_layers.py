@@ -141,7 +141,7 @@ def plot(metrics: LayerMetrics, best: Scored, paper: Scored, knees: tuple[int, i
     for color, label in (("C0", "prelude"), ("C3", "block"), ("C2", "coda"), ("lightgrey", "dropped")):
         ax_bi.bar([0], [0], color=color, label=f"{label} (rank 1)")
     ax_bi.set(title=f"Block Influence; rank 1 = {c.layers_arg}", xlabel="layer", ylabel="BI")
-    ax_bi.legend(loc="upper left", fontsize=7)
+    ax_bi.legend(loc="center right", fontsize=7)
     ax_d1.plot(range(n_layers), [metrics.distance(i, 1) for i in range(n_layers)], "o-")
     for b in knees or ():
         ax_d1.axvline(b - 0.5, color="grey", linestyle=":")
