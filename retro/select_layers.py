@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retro.convert import load_source_config, parse_shape
 from retro.data.shards import TokenShards, check_tokenizer_matches
 from retro.hf.archs import architecture_for
+from retro.hf.conversion import load_source_config, parse_shape
 from retro.hf.gguf import open_gguf
 from retro.hf.layer_metrics import LayerMetrics, collect_layer_metrics, kept_layer_losses
 from retro.hf.layer_proposals import (

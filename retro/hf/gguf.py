@@ -102,7 +102,7 @@ class GGUFSource:
             raise ValueError(f"{path}: cannot read its GGUF metadata as a transformers config ({error})") from None
 
     def config_and_architecture(self):
-        """(transformers config, retro Architecture), as convert's `load_source_config` returns them."""
+        """(transformers config, retro Architecture), as `retro.hf.conversion.load_source_config` returns them."""
         return self.config, architecture_for(self.config.model_type)
 
     def weights(self) -> GGUFWeights:

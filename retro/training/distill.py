@@ -19,6 +19,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from retro.distributed.parallelize import ParallelSettings, parallelize
 from retro.distributed.sharded_load import load_rows_into
+from retro.hf.conversion import build_conversion, conversion_config, load_source_config
+from retro.hf.gguf import open_gguf
+from retro.hf.surgery import static_plan
 from retro.hf.weights import WeightReader
 from retro.model.config import RetroConfig
 from retro.model.loss import HeadLoss, Teacher, linear_distillation_loss
@@ -58,9 +61,6 @@ def teacher_config(settings: DistillSettings) -> RetroConfig:
         raise ConfigError(f"distill.teacher = {settings.teacher!r} does not exist")
     if path.is_dir() and is_retro_dir(path):
         return RetroConfig.from_pretrained(path)
-    from retro.convert import conversion_config, load_source_config  # the command module; only for this path
-    from retro.hf.gguf import open_gguf
-    from retro.hf.surgery import static_plan
 
     try:
         gguf = open_gguf(path, None)
@@ -77,8 +77,6 @@ def teacher_source(settings: DistillSettings) -> tuple[RetroConfig, object, obje
     if path.is_dir() and is_retro_dir(path):
         reader = WeightReader(path)
         return teacher_config(settings), reader.get_rows, reader.shape
-    from retro.convert import build_conversion
-
     try:
         done = build_conversion(path, static=True)
     except (ValueError, FileNotFoundError, KeyError) as error:
