@@ -25,6 +25,7 @@ def comm_per_step(
     reshard: bool,
     param_bytes: int = 2,
     reduce_bytes: int = 4,
+    teacher_params: int = 0,
 ) -> dict[str, float]:
     """Bytes each GPU receives per optimizer step (ring collectives: (g-1)/g of the full size).
 
@@ -32,13 +33,14 @@ def comm_per_step(
     units resharded after forward (FSDP2 keeps the root gathered). Gradients are reduce-scattered
     once per step (the trainer disables gradient sync on all but the last micro-batch); under HSDP
     the fp32 gradient shards are then all-reduced across the replicas. Muon moves each matrix
-    shard to one owner rank and the update back (two all-to-alls inside the shard group).
+    shard to one owner rank and the update back (two all-to-alls inside the shard group). A
+    distillation teacher (`teacher_params`) is gathered whole once per micro-batch (forward only).
     """
     replicas = gpus // shard
     total = sum(units.values())
     frac = (shard - 1) / shard
     regathered = sum(v for name, v in units.items() if name != "root") if reshard else 0
-    gather = accum * frac * (total + regathered) * param_bytes
+    gather = accum * frac * (total + regathered + teacher_params) * param_bytes
     scatter = frac * total * reduce_bytes
     allreduce = 2 * (replicas - 1) / replicas * total / shard * reduce_bytes
     muon = 2 * frac * muon_params / shard * reduce_bytes

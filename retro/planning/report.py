@@ -51,6 +51,7 @@ def plan(
         if shard >= 1
         else {}
     )
+    teacher_comm = {"teacher_params": sum(sharding_units(teacher).values())} if teacher is not None else {}
     comm = []
     for n in SCALES:
         s = feasible_micro_batch(job, n)
@@ -58,7 +59,7 @@ def plan(
             if s is None:
                 comm.append({"gpus": n, "mode": mode, "note": f"global_batch {job.train.global_batch} < {n} GPUs"})
                 continue
-            c = comm_per_step(units, muon, n, group, s[1], job.parallel.reshard_after_forward)
+            c = comm_per_step(units, muon, n, group, s[1], job.parallel.reshard_after_forward, **teacher_comm)
             seconds = c["intra_node"] / gpu.intra_node_bw + c["inter_node"] / gpu.inter_node_bw
             compute = last["flops_per_step"] / (mfu * gpu.peak_flops * n)
             comm.append(

@@ -98,6 +98,10 @@ def test_comm_volume_model():
     fsdp64 = comm_per_step(units, 40, gpus=64, shard=64, accum=1, reshard=True)
     assert fsdp64["intra_node"] == 0 and fsdp64["inter_node"] > hsdp["inter_node"]
     assert comm_per_step(units, 40, 1, 1, 1, True)["all_gather"] == 0
+    # a distillation teacher: gathered whole (bf16) once per micro-batch, nothing reduced
+    taught = comm_per_step(units, 40, gpus=4, shard=4, accum=2, reshard=True, teacher_params=1000)
+    assert taught["all_gather"] - fsdp["all_gather"] == 2 * 3 / 4 * 1000 * 2
+    assert taught["reduce_scatter"] == fsdp["reduce_scatter"]
 
 
 def test_feasible_micro_batch():
