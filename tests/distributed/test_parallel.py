@@ -9,30 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny import tiny_recurrent
 from train_helpers import free_port
 
 import retro
 from retro.distributed.comm_count import count_fsdp_collectives
 from retro.distributed.parallelize import ParallelSettings, parallelize
 
-CONFIG = dict(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=40,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    n_prelude=1,
-    n_recurrent=2,
-    n_coda=1,
-    state_init="zeros",
-)
 
-
-def _model(seed=0) -> retro.RetroForCausalLM:
-    torch.manual_seed(seed)
-    model = retro.RetroForCausalLM(retro.RetroConfig(**CONFIG))
-    model.model.recurrent.adapter.reset_default(torch.Generator().manual_seed(1))
-    return model
+def _model() -> retro.RetroForCausalLM:
+    return tiny_recurrent(state_init="zeros")
 
 
 def _count_worker(rank, world, port, per_layer_block, results):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_recurrent
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
@@ -71,21 +72,7 @@ def test_loss_allocates_only_the_gradients_it_returns():
 
 
 def _model() -> retro.RetroForCausalLM:
-    torch.manual_seed(0)
-    config = retro.RetroConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=40,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        n_prelude=1,
-        n_recurrent=2,
-        n_coda=1,
-        state_init="zeros",
-    )
-    model = retro.RetroForCausalLM(config)
-    model.model.recurrent.adapter.reset_default(torch.Generator().manual_seed(1))
-    return model
+    return tiny_recurrent(state_init="zeros")  # vocab V, hidden H
 
 
 def _ids(batch=2, seq=9):
