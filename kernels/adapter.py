@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from retro.kernels.dispatch import get_backend, use_triton
+from .dispatch import get_backend, use_triton
 
 
 def _check(state: torch.Tensor, w_state: torch.Tensor, injection: torch.Tensor) -> None:
@@ -65,7 +65,7 @@ class _FusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, state: torch.Tensor, w_state: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
-        from retro.kernels.triton_gemm import gemm
+        from .triton_gemm import gemm
 
         lead = state.shape[:-1]
         rows = state.reshape(-1, state.size(-1))  # [T, h_in]
@@ -75,7 +75,7 @@ class _FusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        from retro.kernels.triton_gemm import gemm
+        from .triton_gemm import gemm
 
         rows, w_state = ctx.saved_tensors
         g = grad.reshape(-1, w_state.size(0))  # [T, h_out]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from retro.kernels.dispatch import ns_schedule, use_triton
+from .dispatch import ns_schedule, use_triton
 
 # (a, b, c) of the quintic X <- aX + (bA + cA^2)X, A = X X^T; Keller Jordan's Muon coefficients.
 MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
@@ -77,7 +77,7 @@ def newton_schulz(
     work = grad.to(dtype or grad.dtype)
     if not use_triton(work):
         return newton_schulz_reference(grad, steps, coefficients, eps, dtype)
-    from retro.kernels.triton_newton_schulz import newton_schulz_triton
+    from .triton_newton_schulz import newton_schulz_triton
 
     tall = work.size(-2) > work.size(-1)
     if tall:

@@ -16,7 +16,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from retro.kernels.dispatch import interpreting
+from .dispatch import interpreting
 
 
 def _even_k(args: dict) -> bool:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from retro.kernels.triton_build import kernel
+from .triton_build import kernel
 
 # (meta-parameters, num_warps, num_stages); autotuned on the GPU per (M, N, K). Tile shapes and
 # pipeline depths that fit the H100/H200's 228 KiB of shared memory per SM in bf16.

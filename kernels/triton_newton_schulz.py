@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from retro.kernels.dispatch import NS_SCHEDULES
-from retro.kernels.triton_build import kernel
-from retro.kernels.triton_gemm import gemm
+from .dispatch import NS_SCHEDULES
+from .triton_build import kernel
+from .triton_gemm import gemm
 
 MIN_WAVE_FILL = 0.8
 # Kernel modes (constexpr: a kernel may only read globals declared as such).
