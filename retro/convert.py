@@ -63,7 +63,8 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options (main parses them; tests read their help)."""
     parser = argparse.ArgumentParser(prog="python -m retro.convert", description=__doc__)
     parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory or a .gguf file")
     parser.add_argument("--gguf-file", help="read this GGUF file inside the --model directory (needs retro[gguf])")
@@ -72,11 +73,31 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--shape", help="P,R,C: first P layers, last C layers, the R layers before the coda")
     group.add_argument("--layers", help="explicit inclusive ranges prelude,block,coda, e.g. 0-3,10-17,18-21")
     group.add_argument("--static", action="store_true", help="keep every layer, no recurrence (the static baseline)")
-    parser.add_argument("--adapter-init", default="identity", choices=["identity", "default"])
-    parser.add_argument("--state-init", default="trunc_normal", choices=list(STATE_INITS))
-    parser.add_argument("--default-recurrences", type=int, default=1, help="r used when a caller passes none")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the default adapter init")
+    parser.add_argument(
+        "--adapter-init",
+        default="identity",
+        choices=["identity", "default"],
+        help="adapter weights: identity = [0 | I], passes the prelude output through, so a conversion that drops no "
+        "layer reproduces the source at r = 1; default = PyTorch's Linear init (the paper's), seeded by --seed "
+        "(default: identity)",
+    )
+    parser.add_argument(
+        "--state-init",
+        default="trunc_normal",
+        choices=list(STATE_INITS),
+        help="initial recurrent state s0 stored in the config: trunc_normal (std 0.0087 cut at 3 std, the paper's), "
+        "zeros, or embed (the prelude output) (default: trunc_normal)",
+    )
+    parser.add_argument(
+        "--default-recurrences", type=int, default=1, help="r used when a caller passes none (default: 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --adapter-init default (default: 0)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         summary = convert(

@@ -73,10 +73,18 @@ def load_model(path: str | Path, state_init: str | None, device: str, dtype: tor
     return RetroForCausalLM.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
 
 
-def _load_tokenizer(path: str | Path, add_bos: bool = True):
-    """The checkpoint's tokenizer; add_bos loads it with add_bos_token=True, as lm-eval's model arg does."""
+def load_tokenizer(path: str | Path, add_bos: bool = True, config: RetroConfig | None = None):
+    """The checkpoint's tokenizer; add_bos loads it with add_bos_token=True, as lm-eval's model arg does.
+
+    Pass the model's `config` (as loaded by `load_model`): without one, AutoTokenizer reads config.json again,
+    and wherever AutoConfig cannot resolve model_type "retro" it falls back to the base PreTrainedConfig, which
+    logs "You are using a model of type `retro` to instantiate a model of type ``".
+    """
+    kwargs = {"add_bos_token": True} if add_bos else {}
+    if config is not None:
+        kwargs["config"] = config
     try:
-        return AutoTokenizer.from_pretrained(path, **({"add_bos_token": True} if add_bos else {}))
+        return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"no usable tokenizer in {path}: {error}") from None
 
@@ -224,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     for path, label in zip(args.model, _labels(args.model)):
         model = load_model(path, args.state_init, args.device, dtype)
-        tokenizer = _load_tokenizer(path, args.add_bos) if task is not None else None
+        tokenizer = load_tokenizer(path, args.add_bos, model.config) if task is not None else None
         static = not model.config.is_recurrent
         entry = {"model": str(path), "label": label, "static": static, "runs": []}
         for r in recurrences[:1] if static else recurrences:
@@ -274,7 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", action="append", required=True, help="retro checkpoint directory (repeat for several models)"
     )
-    p.add_argument("--task", required=True, choices=[*TASKS, "loss"])
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=[*TASKS, "loss"],
+        help="gsm8k (lm-eval's gsm8k_cot_sean), math (minerva_math), or loss: validation cross entropy on "
+        "prepared shards",
+    )
     p.add_argument(
         "--data",
         required=True,
@@ -288,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fewshot-data", default=None, help="jsonl to take the first --fewshot exemplars from (default: lm-eval's)"
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts generated together, left-padded (--task loss: rows of --seq-len tokens per forward) (default: 8)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (lm-eval's max_gen_toks)")
     p.add_argument(
         "--max-length",
@@ -317,9 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-init", choices=list(STATE_INITS), default=None, help="override the checkpoint's s0 init")
     p.add_argument("--seed", type=int, default=0, help="seed of s0 draws (and sampling)")
     p.add_argument("--seq-len", type=int, default=1024, help="--task loss: tokens per row")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", default="eval_out", help="output directory")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device the models run on (default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype the weights are loaded and run in (default: float32)",
+    )
+    p.add_argument(
+        "--out",
+        default="eval_out",
+        help="directory for results.json, results.md and <task>.png, created if missing; files there are replaced "
+        "(default: eval_out)",
+    )
     return p
 
 

@@ -94,15 +94,25 @@ def export(source: str | Path, out_dir: str | Path, force: bool = False, tokeniz
     return ckpt
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options (main parses them; tests read their help)."""
     parser = argparse.ArgumentParser(prog="python -m retro.export", description=__doc__)
     parser.add_argument("source", help="a run directory (its newest complete checkpoint) or a checkpoint directory")
-    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory for the Hugging Face model (config.json, safetensors, tokenizer files), staged in "
+        ".OUT.partial beside it and renamed when complete",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument(
         "--tokenizer", help="directory to copy the tokenizer files from (default: the run's model.path)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         ckpt = export(args.source, args.out, args.force, args.tokenizer)
     except (FileNotFoundError, FileExistsError, ValueError) as error:

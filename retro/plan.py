@@ -23,17 +23,43 @@ from retro.training.distill import check_teacher
 from retro.training.job_config import ConfigError, load_config, split_cli_overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retro.plan", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options; unknown `--section.key=value` arguments are config overrides (parse_known_args)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m retro.plan",
+        description=__doc__.split("\n\n")[0],
+        epilog="Any other --section.key=value argument overrides that field of the TOML, as in retro.train.",
+    )
     parser.add_argument("--config", help="training TOML (configs/*.toml); the defaults when omitted")
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--gpu", default="h200", choices=sorted(GPUS))
-    parser.add_argument("--mfu", type=float, default=0.4, help="assumed loop-aware MFU (0-1)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=8,
+        help="GPUs of the run, a multiple of parallel.replicate: sets tokens/s, wall time, GPU-hours, the micro-batch "
+        "split and memory per GPU (default: 8); communication is always shown at 8, 64 and 512",
+    )
+    parser.add_argument(
+        "--gpu",
+        default="h200",
+        choices=sorted(GPUS),
+        help="GPU model whose spec sheet is assumed: peak bf16 FLOP/s, memory, NVLink and NIC bandwidth "
+        "(default: h200)",
+    )
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=0.4,
+        help="assumed loop-aware MFU in (0, 1], for tokens/s and wall time (default: 0.4)",
+    )
     parser.add_argument("--model-config", help="a config.json with the model shape (instead of model.path)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a built-in shape of the paper's models")
     parser.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     parser.add_argument("--check", action="store_true", help="compare the model with measurements on a small CPU model")
-    args, rest = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
     if args.check:
         from retro.planning.check import main as check_main
 

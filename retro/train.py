@@ -18,13 +18,18 @@ from retro.training.job_config import load_config, split_cli_overrides
 from retro.training.trainer import Trainer
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's own options; every other `--section.key=value` argument overrides the TOML."""
     parser = argparse.ArgumentParser(
         prog="python -m retro.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help="TOML config (configs/*.toml)")
     parser.add_argument("--resume", help="auto | none | a checkpoint directory (same as --checkpoint.resume)")
-    args, rest = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
     try:
         overrides = split_cli_overrides(rest)
         if args.resume:

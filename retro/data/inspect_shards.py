@@ -13,14 +13,19 @@ from retro.data.manifest import ShardFormatError
 from retro.data.shards import TokenShards
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options (main parses them; tests read their help)."""
     p = argparse.ArgumentParser(prog="python -m retro.data.inspect_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", help="directory written by retro.data.prepare")
     p.add_argument("--samples", type=int, default=3, help="documents to decode per split")
     p.add_argument("--max-chars", type=int, default=300, help="truncate decoded text to this length")
     p.add_argument("--verify", action="store_true", help="also check SHA-256 checksums and the id range")
     p.add_argument("--no-decode", action="store_true", help="print ids only (no tokenizer needed)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         splits = {}
         for name in ("train", "val"):

@@ -16,6 +16,7 @@ which checks every shard's SHA-256 and id range once before the first step.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +138,18 @@ def sampler_state_of(state: dict[str, Any]) -> dict[str, Any]:
     return main["_index_sampler_state"]
 
 
+# torchdata's StatefulDataLoader.__init__ calls torch.set_vital, which recent torch deprecates with a
+# UserWarning (a no-op otherwise); harmless, but it lands mid-way through the trainer's and demo's output.
+_SET_VITAL_DEPRECATED = r"'set_vital' is deprecated"
+
+
 class ShardLoader(StatefulDataLoader):
     """StatefulDataLoader whose state is its sampler's: resumes across a change of num_workers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():  # only around torchdata's constructor, not process-wide
+            warnings.filterwarnings("ignore", message=_SET_VITAL_DEPRECATED, category=UserWarning)
+            super().__init__(*args, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_workers = state_dict.get("_snapshot", {}).get("_main_snapshot", {}).get("_num_workers", 0)

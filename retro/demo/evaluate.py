@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from retro.eval import load_model
+from retro.eval import load_model, load_tokenizer
 
 
 @torch.no_grad()
@@ -46,10 +46,8 @@ def accuracy(
 
 def evaluate_checkpoint(path: Path, rows: list[dict], recurrences: list[int], seed: int = 0) -> dict:
     """Load a retro checkpoint (with its tokenizer) and score it; a static model runs once."""
-    from transformers import AutoTokenizer
-
     model = load_model(path, None, "cpu", torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, add_bos=False, config=model.config)  # prompts start with EOS, not BOS
     static = not model.config.is_recurrent
     scores = accuracy(model, tokenizer, rows, [None] if static else list(recurrences), seed)
     return {

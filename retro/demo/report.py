@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TOLERANCE = 0.02  # accuracy differences below 2 points (of ~100 problems per k) count as "equal"
 CHANCE = 0.1  # ten possible digits
@@ -117,19 +118,21 @@ def markdown(results: dict) -> str:
 
 
 def summary_text(results: dict) -> str:
+    """The claims in one paragraph; a run that is not informative states its numbers and claims nothing."""
     c = results["claims"]
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     by_r = ", ".join(f"r={r}: {pct(a)}" for r, a in c["accuracy_by_r"].items())
+    if not c["informative"]:
+        return (
+            f"NOT INFORMATIVE: every model is within {100 * 5 * TOLERANCE:.0f} points of chance ({pct(CHANCE)}), "
+            "so the task was not learned at this budget and no comparison is drawn. "
+            f"Measured mean accuracy: recurrent {by_r}; static at equal FLOPs {pct(c['static_accuracy'])}; "
+            f"pretrained {pct(c['pretrained_accuracy'])}."
+        )
     rise = "rises" if c["rises_with_r"] else "does not rise"
     match = "matches or beats" if c["matches_or_beats_static"] else "falls short of"
-    warning = (
-        ""
-        if c["informative"]
-        else f"NOT INFORMATIVE: every model is within {100 * 5 * TOLERANCE:.0f} points of chance ({pct(CHANCE)}), "
-        "so the task was not learned at this budget and the comparisons below say nothing. "
-    )
     return (
-        f"{warning}Recurrent mean accuracy {by_r}; it {rise} with r up to the training mean "
+        f"Recurrent mean accuracy {by_r}; it {rise} with r up to the training mean "
         f"(r={c['r_at_train_mean']}). "
         f"At r={c['r_at_train_mean']} it {match} the static model at equal FLOPs "
         f"({pct(c['accuracy_at_train_mean'])} vs "
@@ -139,7 +142,8 @@ def summary_text(results: dict) -> str:
     )
 
 
-def plot(results: dict, path: Path) -> None:
+def figure(results: dict) -> plt.Figure:
+    """accuracy.png's figure: mean accuracy vs r (left), accuracy vs k for every r and the static model (right)."""
     models = results["models"]
     rs, accs = _recurrent_means(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -173,9 +177,16 @@ def plot(results: dict, path: Path) -> None:
     )
     right.axhline(10, color="gray", linestyle=":", linewidth=1, label="chance")
     right.set(xlabel="steps k", ylabel="accuracy (%)", title="by number of steps")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))  # k counts steps: no 1.5 ticks
     right.legend(fontsize=7, ncol=2)
     right.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot(results: dict, path: Path) -> None:
+    """Write accuracy.png (see `figure`)."""
+    fig = figure(results)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -163,6 +163,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert wall < 180, f"quick demo took {wall:.0f} s"
     for stage in range(1, 9):
         assert f"[{stage}/8]" in proc.stdout  # the per-stage progress display
+    # no library warnings in the output: torchdata's set_vital deprecation (filtered where the loader is built),
+    # transformers' "model of type `retro` to instantiate a model of type ``" (the tokenizer gets the config)
+    logs = "".join(path.read_text() for path in sorted((out / "logs").glob("*.log")))
+    for name, text in (("stdout", proc.stdout), ("stderr", proc.stderr), ("logs", logs)):
+        for noise in ("Warning:", "set_vital", "to instantiate a model of type", "[transformers]"):
+            assert noise not in text, f"{noise!r} in the demo's {name}"
 
     results = json.loads((out / "results.json").read_text())
     settings = results["settings"]

@@ -9,6 +9,7 @@ imported it instead and failed. These tests run the commands from the repository
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -72,12 +73,29 @@ def test_the_project_folder_is_no_regular_package():
     assert (REPO / "retro" / "kernels").resolve() == REPO / "kernels"
 
 
+def source_copy(dest: Path) -> Path:
+    """The checkout's files (tracked and untracked, not ignored) under `dest`, symlinks kept: a build there
+    cannot pick up a stale `build/` folder of the checkout."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    for name in filter(None, listed.stdout.split("\0")):
+        source, target = REPO / name, dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
+            shutil.copy2(source, target)
+    return dest
+
+
 def test_the_wheel_installs_the_folder_as_retro_kernels(tmp_path):
     """Built without installing anything: the wheel holds `retro/kernels/*.py` and no top-level `kernels`."""
     pytest.importorskip("setuptools")
+    source = source_copy(tmp_path / "src")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
-        cwd=REPO,
+        cwd=source,
         capture_output=True,
         text=True,
         timeout=300,

@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,24 @@ def test_same_size_corruption_named_while_reading(data, tmp_path, num_workers):
         for _ in build_val_batches(d, T, 2, 0, 1, split="train"):
             pass
     assert (d / bad_shard.file).read_bytes() == before  # read only
+
+
+def _set_vital_warnings(caught) -> list:
+    return [w for w in caught if issubclass(w.category, UserWarning) and "'set_vital' is deprecated" in str(w.message)]
+
+
+def test_building_the_loader_emits_no_set_vital_warning(data):
+    """torchdata's deprecated torch.set_vital call is silenced around our loader only, not process-wide."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = build_train_loader([data["low"]], None, T, 4, 0, 1, seed=0)
+        next(iter(loader))
+        assert _set_vital_warnings(caught) == []
+        StatefulDataLoader(list(range(3)))  # a bare torchdata loader, built after ours: still warns if torch does
+        bare = _set_vital_warnings(caught)
+    with warnings.catch_warnings(record=True) as direct:
+        warnings.simplefilter("always")
+        getattr(torch, "set_vital", lambda *a: None)("Dataloader", "enabled", "True")
+    assert len(bare) == len(_set_vital_warnings(direct))  # the filter did not outlive the constructor
