@@ -13,8 +13,13 @@ import argparse
 import os
 import sys
 
+import torch.distributed as dist
+
+from retro.distributed.setup import init_distributed
 from retro.training.errors import ConfigError, TrainingError
 from retro.training.job_config import load_config, split_cli_overrides
+from retro.training.model_source import load_model_config
+from retro.training.preflight import check_data
 from retro.training.trainer import Trainer
 
 
@@ -37,11 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         job = load_config(args.config, overrides)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"retro.train: resolved config {job.to_dict()}", flush=True)
-        trainer = Trainer(job)
+        info = init_distributed()
         try:
-            return trainer.fit()
+            model_config = load_model_config(job.model)
+            check_data(job, model_config, info.world_size)  # before any weight is read
+            trainer = Trainer(job, info, model_config)
+            try:
+                return trainer.fit()
+            finally:
+                trainer.close()
         finally:
-            trainer.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
     except (ConfigError, FileNotFoundError, ValueError, TrainingError) as error:
         print(f"retro.train: error: {error}", file=sys.stderr, flush=True)
         return 2

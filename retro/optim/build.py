@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from retro.kernels.newton_schulz import MUON_COEFFICIENTS
-from retro.optim.lr_schedule import KINDS
+from retro.optim.lr_schedule import KINDS, build_scheduler, check_schedule
 from retro.optim.muon import NS_DTYPES, SCALE_RULES, Muon
 
 HEAD_NAME = "lm_head"
@@ -81,9 +81,8 @@ class OptimSettings:
     muon_split_fused: bool = False  # False (the paper): fused Wqkv / gate-up orthogonalised whole; True: q, k, v apart
     schedule: str = field(default="wsd", metadata={"choices": KINDS})  # wsd: warmup, constant, cosine decay
     warmup_steps: int = 125
-    decay_steps: int = (
-        -1
-    )  # wsd: length of the final cosine decay; -1: the last 60% of train.steps (30k of 50k), 0: none
+    # wsd: length of the final cosine decay; -1: the last 60% of train.steps (30k of 50k), 0: none
+    decay_steps: int = -1
     min_lr_ratio: float = 0.001
 
     def decay_steps_for(self, total_steps: int) -> int:
@@ -95,6 +94,15 @@ class OptimSettings:
             raise ValueError(f"optim.decay_steps must be >= 0 or -1 (the paper's 60%), got {self.decay_steps}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs two values, got {self.betas}")
+
+    def check_schedule(self, total_steps: int) -> None:
+        """The LR schedule's own checks for a run of `total_steps` (before any work: warmup + decay must fit)."""
+        try:
+            check_schedule(
+                total_steps, self.warmup_steps, self.decay_steps_for(total_steps), self.schedule, self.min_lr_ratio
+            )
+        except ValueError as error:
+            raise ValueError(f"optim: {error} (total_steps = train.steps)") from None
 
 
 def build_optimizer(model: nn.Module, settings: OptimSettings | None = None, **overrides: Any) -> torch.optim.Optimizer:
@@ -133,3 +141,35 @@ def build_optimizer(model: nn.Module, settings: OptimSettings | None = None, **o
             weight_decay=s.weight_decay,
         )
     raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {s.name!r}")
+
+
+def scheduler_for(
+    optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The scheduler the `[optim]` settings of a run with `total_steps` steps describe."""
+    return build_scheduler(
+        optimizer,
+        total_steps=total_steps,
+        warmup_steps=settings.warmup_steps,
+        decay_steps=settings.decay_steps_for(total_steps),
+        kind=settings.schedule,
+        min_ratio=settings.min_lr_ratio,
+    )
+
+
+def rebase_learning_rates(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, settings: OptimSettings
+) -> list[tuple[str, float, float]]:
+    """After a resume, make the config's base lrs the ones in force (a restored scheduler keeps the
+    checkpoint's): returns (key, old, new) for each changed one, so the trainer can say so."""
+    changed = {}
+    for i, group in enumerate(optimizer.param_groups):
+        key = "optim.muon_lr" if group.get("use_muon") else "optim.lr"
+        new = settings.muon_lr if group.get("use_muon") else settings.lr
+        old = scheduler.base_lrs[i]
+        if old != new:
+            changed[key] = (old, new)
+            scheduler.base_lrs[i] = group["initial_lr"] = new
+            group["lr"] = new * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return [(key, old, new) for key, (old, new) in changed.items()]

@@ -15,7 +15,8 @@ import torch
 KINDS = ("wsd", "cosine", "constant")
 
 
-def _validate(total_steps: int, warmup_steps: int, decay_steps: int, kind: str, min_ratio: float) -> None:
+def check_schedule(total_steps: int, warmup_steps: int, decay_steps: int, kind: str, min_ratio: float) -> None:
+    """Raise ValueError naming the value when the schedule cannot be built (warmup + decay must fit)."""
     if kind not in KINDS:
         raise ValueError(f"schedule kind must be one of {KINDS}, got {kind!r}")
     for name, value in (("total_steps", total_steps), ("warmup_steps", warmup_steps), ("decay_steps", decay_steps)):
@@ -52,7 +53,7 @@ def lr_multiplier(
     "constant": 1 after warmup; decay_steps is ignored.
     Steps past total_steps hold the final value.
     """
-    _validate(total_steps, warmup_steps, decay_steps, kind, min_ratio)
+    check_schedule(total_steps, warmup_steps, decay_steps, kind, min_ratio)
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if step < warmup_steps:
@@ -82,7 +83,7 @@ def build_scheduler(
     scheduler's state_dict holds the step count and base lrs but not the schedule's arguments:
     those come from the config on resume. Call scheduler.step() once after each optimizer.step().
     """
-    _validate(total_steps, warmup_steps, decay_steps, kind, min_ratio)
+    check_schedule(total_steps, warmup_steps, decay_steps, kind, min_ratio)
 
     def multiplier(step: int) -> float:
         return lr_multiplier(

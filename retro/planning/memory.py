@@ -17,7 +17,7 @@ def meta_model(model_config: RetroConfig) -> torch.nn.Module:
 
 
 def sharding_units(model_config: RetroConfig) -> dict[str, int]:
-    """Parameters per FSDP2 unit (retro/parallel.py): each prelude/coda layer, the core, the root."""
+    """Parameters per FSDP2 unit (retro/distributed/parallelize.py): each prelude/coda layer, the core, the root."""
     model = meta_model(model_config).model
     units = {f"prelude.{i}": sum(p.numel() for p in layer.parameters()) for i, layer in enumerate(model.prelude)}
     units["core"] = sum(p.numel() for p in model.recurrent.parameters()) if model.recurrent is not None else 0
@@ -43,7 +43,7 @@ def optimizer_split(model_config: RetroConfig, name: str) -> tuple[int, int]:
 def layer_activation_bytes(model_config: RetroConfig, dtype_bytes: int, fused_norm: bool) -> float:
     """Bytes one decoder layer keeps for backward, per token.
 
-    Counted from what autograd saves in retro/layers.py: every RMSNorm keeps its input, fp32 rstd
+    Counted from what autograd saves in retro/model/layers.py: every RMSNorm keeps its input, fp32 rstd
     and (unfused, as on CPU) the normalised tensor; the fused QKV output stays alive through the
     V view SDPA keeps; SDPA keeps rotated q, k, its output and an fp32 log-sum-exp per head; the
     o_proj input is a reshaped copy; SwiGLU keeps gate|up, silu(gate) and their product.

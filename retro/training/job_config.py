@@ -112,16 +112,14 @@ def validate(job: JobConfig) -> None:
             settings.validate()
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    t, o = job.train, job.optim
     if job.data.weights and len(job.data.weights) != len(job.data.train):
         raise ConfigError(
             f"data.weights has {len(job.data.weights)} entries for {len(job.data.train)} data.train sources"
         )
-    decay = o.decay_steps_for(t.steps)
-    if o.warmup_steps + (decay if o.schedule == "wsd" else 0) > t.steps:
-        raise ConfigError(
-            f"optim.warmup_steps + optim.decay_steps = {o.warmup_steps} + {decay} exceeds train.steps = {t.steps}"
-        )
+    try:
+        job.optim.check_schedule(job.train.steps)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:

@@ -30,9 +30,8 @@ class ModelSettings:
     path: str = ""  # a `retro.convert` directory (config.json + safetensors)
     init: str = field(default="pretrained", metadata={"choices": INITS})
     state_init: str = field(default="", metadata={"choices": ("", *STATE_INITS)})  # "" keeps the checkpoint's rule
-    shape: list[int] = field(
-        default_factory=list
-    )  # optional expected prelude,recurrent,coda; checked against the checkpoint
+    # optional expected prelude,recurrent,coda; checked against the checkpoint
+    shape: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.shape and (len(self.shape) != 3 or min(self.shape) < 0):

@@ -21,7 +21,7 @@ never touching the global RNG state.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -99,23 +99,35 @@ def _expected_min(mean: float, sigma: float, c: int) -> float:
 
 @dataclass
 class RecurrenceSettings:
-    """The run's `[recurrence]` section."""
+    """The run's `[recurrence]` section; `RecurrenceSchedule.from_settings` turns it into the sampler."""
 
     max_mean: float = 32.0  # M, the curriculum's final mean recurrence
-    curriculum: str = field(default="1-sqrt", metadata={"choices": CURRICULA})
+    curriculum: str = "1-sqrt"  # 1-sqrt | linear | none
     ramp_fraction: float = 0.75  # W = ramp_fraction * train.steps
     backprop_depth: int = 8  # s: passes with gradient
     sigma: float = 0.5
     cap: int = 0  # 0 = no cap on the sampled r
-    sample_every: str = field(default="micro_batch", metadata={"choices": SAMPLE_EVERY})
+    sample_every: str = "micro_batch"  # micro_batch (the paper's per-data-step draw) | step
 
     def validate(self) -> None:
-        if self.max_mean < 1:
-            raise ValueError(f"recurrence.max_mean must be >= 1, got {self.max_mean}")
+        """The schedule's own checks, on these values (ramp length and seed do not matter here)."""
         if not 0 <= self.ramp_fraction <= 1:
             raise ValueError(f"recurrence.ramp_fraction must be in [0, 1], got {self.ramp_fraction}")
-        if self.backprop_depth < 1:
-            raise ValueError(f"recurrence.backprop_depth must be >= 1, got {self.backprop_depth}")
+        try:
+            RecurrenceSchedule.from_settings(self, total_steps=0, seed=0)
+        except ValueError as error:
+            raise ValueError(f"recurrence.{error}") from None
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One micro-batch's recurrence: r = n no-grad passes + k grad passes, at curriculum mean m."""
+
+    mean: int  # m, the curriculum's mean at this step
+    r: int  # after the cap
+    n: int
+    k: int
+    capped: bool  # the drawn r exceeded the cap (logged: how often the cap bites)
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,8 @@ class RecurrenceSchedule:
     step 0). ramp_steps: W; f = 1 from step W on (W = 0 means no ramp). backprop_depth: s, used as
     min(s, m): the reading of "s = m when m < 8" that reproduces PAPER's E[k] = 3.41 at m = 4.
     sigma: the lognormal's shape. cap: optional upper bound on r (**Ours**; the paper's r is
-    unbounded), reported per draw through sample_info()["capped"]. seed: mixed into every draw.
+    unbounded), reported per draw through `Draw.capped`. sample_every: "micro_batch" draws for each
+    micro-batch, "step" once per optimizer step for all of them. seed: mixed into every draw.
     """
 
     max_mean: float = 32.0
@@ -135,6 +148,7 @@ class RecurrenceSchedule:
     backprop_depth: int = 8
     sigma: float = 0.5
     cap: int | None = None
+    sample_every: str = "micro_batch"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -150,6 +164,7 @@ class RecurrenceSchedule:
             backprop_depth=settings.backprop_depth,
             sigma=settings.sigma,
             cap=settings.cap or None,
+            sample_every=settings.sample_every,
             seed=seed,
         )
 
@@ -167,6 +182,8 @@ class RecurrenceSchedule:
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
         if self.cap is not None and (not isinstance(self.cap, int) or self.cap < 1):
             raise ValueError(f"cap must be None or an int >= 1, got {self.cap!r}")
+        if self.sample_every not in SAMPLE_EVERY:
+            raise ValueError(f"sample_every must be one of {SAMPLE_EVERY}, got {self.sample_every!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
 
@@ -195,30 +212,29 @@ class RecurrenceSchedule:
         self._check_step(micro_step, "micro_step")
         return np.random.default_rng([self.seed, int(step), int(micro_step)])
 
-    def sample_info(self, step: int, micro_step: int = 0) -> dict:
-        """The draw for (step, micro_step): {"mean": m, "r": r, "n": n, "k": k, "capped": bool}.
-
-        "r" is after the cap; "capped" is True when the drawn r exceeded the cap (so the trainer
-        can log how often the cap bites). n + k == r always.
-        """
+    def draw(self, step: int, micro_step: int = 0) -> Draw:
+        """The draw for (step, micro_step): deterministic in (seed, step, micro_step), identical on
+        every rank and in every process, with no communication. n + k == r always."""
         m = self.mean_at(step)
         r = draw_r(m, self.sigma, self._rng(step, micro_step))
         capped = self.cap is not None and r > self.cap
         if capped:
             r = self.cap
         n, k = split_passes(r, min(self.backprop_depth, m))  # = depth_at(step)
-        return {"mean": m, "r": r, "n": n, "k": k, "capped": capped}
+        return Draw(mean=m, r=r, n=n, k=k, capped=capped)
+
+    def draws(self, step: int, micro_batches: int) -> list[Draw]:
+        """The recurrence of each micro-batch of optimizer step `step`: one draw per micro-batch (its
+        index is the micro_step, the paper's per-data-step draw), or one shared by all with
+        sample_every = "step"."""
+        if self.sample_every == "step":
+            return [self.draw(step)] * micro_batches
+        return [self.draw(step, micro) for micro in range(micro_batches)]
 
     def sample(self, step: int, micro_step: int = 0) -> tuple[int, int]:
-        """(n no-grad passes, k grad passes) for this optimizer step.
-
-        Deterministic in (seed, step, micro_step), identical on every rank and in every process,
-        no communication. The trainer draws once per micro-batch (micro_step = its index within the
-        optimizer step, the paper's per-data-step draw) or, with recurrence.sample_every = "step",
-        once per optimizer step (micro_step = 0, every micro-batch shares it).
-        """
-        info = self.sample_info(step, micro_step)
-        return info["n"], info["k"]
+        """(n no-grad passes, k grad passes) of `draw(step, micro_step)`."""
+        drawn = self.draw(step, micro_step)
+        return drawn.n, drawn.k
 
     def expected_r(self, step: int) -> float:
         """E[r] at this step's mean: m + 1 uncapped, E[min(r, cap)] (by quadrature) with a cap."""

@@ -12,7 +12,7 @@ from train_helpers import TINY_CONFIG, base_overrides, make_assets, read_metrics
 from retro.data.mixture import MixtureBatchSampler, reshard_states
 from retro.training import checkpoint
 from retro.training.job_config import ConfigError, load_config
-from retro.training.trainer import check_data
+from retro.training.preflight import check_data
 
 SEED = 5
 

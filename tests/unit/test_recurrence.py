@@ -9,6 +9,7 @@ fixed seeds, so the tests are deterministic anyway). Quantiles of an integer var
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -79,18 +80,18 @@ def test_backprop_depth_reading_is_min_of_s_and_m() -> None:
     pmf, j = r_pmf(4, 0.5, 200), np.arange(1, 201)
     assert abs(float((pmf * np.minimum(j, 8)).sum()) - 3.41) > 1.0  # the other reading: ~4.67
     for step in range(300):
-        info = at4.sample_info(step)
-        assert info["k"] == min(info["r"], 4) and info["n"] == max(info["r"] - 4, 0)
+        info = at4.draw(step)
+        assert info.k == min(info.r, 4) and info.n == max(info.r - 4, 0)
 
 
 def test_per_step_sampler_follows_the_distribution() -> None:
     """The scalar per-step path (one fresh Generator per step) has mean m + 1 and n + k = r."""
     sched = RecurrenceSchedule(max_mean=8, curriculum="none", seed=3)
-    infos = [sched.sample_info(step) for step in range(8000)]
-    r = np.array([i["r"] for i in infos])
+    infos = [sched.draw(step) for step in range(8000)]
+    r = np.array([i.r for i in infos])
     assert abs(r.mean() - 9.0) <= 4.0 * r.std() / math.sqrt(len(r))
-    assert all(i["n"] + i["k"] == i["r"] and i["k"] == min(i["r"], 8) and not i["capped"] for i in infos)
-    assert all(sched.sample(s) == (i["n"], i["k"]) for s, i in enumerate(infos[:100]))
+    assert all(i.n + i.k == i.r and i.k == min(i.r, 8) and not i.capped for i in infos)
+    assert all(sched.sample(s) == (i.n, i.k) for s, i in enumerate(infos[:100]))
 
 
 def _exact_1sqrt(step: int, M: int, W: int) -> int:
@@ -177,7 +178,7 @@ def test_draws_are_deterministic_across_processes() -> None:
     assert np.array_equal(np.random.get_state()[1], state)
     assert ours == theirs
     # Different steps, seeds and micro-steps give different draws.
-    assert len({s.sample_info(t)["r"] for t in range(200)}) > 30
+    assert len({s.draw(t).r for t in range(200)}) > 30
     other_seed = RecurrenceSchedule(max_mean=32, curriculum="none", seed=8)
     assert sum(other_seed.sample(t) != ours[t] for t in range(200)) > 150
     assert sum(s.sample(t, micro_step=1) != ours[t] for t in range(200)) > 150
@@ -187,12 +188,12 @@ def test_cap_bounds_r_and_reports_when_it_bites() -> None:
     cap, steps = 40, 4000
     free = RecurrenceSchedule(max_mean=32, curriculum="none")
     capped = RecurrenceSchedule(max_mean=32, curriculum="none", cap=cap)
-    raw = np.array([free.sample_info(t)["r"] for t in range(steps)])
-    infos = [capped.sample_info(t) for t in range(steps)]
-    r = np.array([i["r"] for i in infos])
+    raw = np.array([free.draw(t).r for t in range(steps)])
+    infos = [capped.draw(t) for t in range(steps)]
+    r = np.array([i.r for i in infos])
     assert np.array_equal(r, np.minimum(raw, cap))  # same seed: same draw, then clipped
-    assert np.array_equal(np.array([i["capped"] for i in infos]), raw > cap)
-    assert all(i["n"] + i["k"] == i["r"] and i["k"] == min(i["r"], 8) for i in infos)
+    assert np.array_equal(np.array([i.capped for i in infos]), raw > cap)
+    assert all(i.n + i.k == i.r and i.k == min(i.r, 8) for i in infos)
     # P(r > cap) and E[min(r, cap)] from quadrature vs the draws (4 standard errors).
     p_bite = 1.0 - r_pmf(32, 0.5, cap).sum()
     frac = float((raw > cap).mean())
@@ -229,3 +230,37 @@ def test_bad_steps_raise() -> None:
         s.sample(0, micro_step=-1)
     with pytest.raises(ValueError, match="upto"):
         r_pmf(4, 0.5, 0)
+
+
+def test_draws_per_micro_batch_or_one_per_step() -> None:
+    """`draws` keys each micro-batch's draw by its index, or shares the micro_step-0 draw with sample_every = step."""
+    per_micro = RecurrenceSchedule(max_mean=8, curriculum="none", seed=1)
+    per_step = RecurrenceSchedule(max_mean=8, curriculum="none", seed=1, sample_every="step")
+    for step in range(20):
+        draws = per_micro.draws(step, 4)
+        assert draws == [per_micro.draw(step, micro) for micro in range(4)]
+        assert per_step.draws(step, 4) == [per_micro.draw(step)] * 4
+    assert len({d.r for step in range(20) for d in per_micro.draws(step, 4)}) > 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        per_micro.draw(0).r = 3
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("max_mean", 0.5, "recurrence.max_mean"),
+        ("curriculum", "sqrt", "recurrence.curriculum"),
+        ("backprop_depth", 0, "recurrence.backprop_depth"),
+        ("sigma", 0.0, "recurrence.sigma"),
+        ("cap", -1, "recurrence.cap"),
+        ("sample_every", "epoch", "recurrence.sample_every"),
+        ("ramp_fraction", 1.5, "recurrence.ramp_fraction"),
+    ],
+)
+def test_config_section_is_checked_by_the_schedule_rules(key: str, value: object, message: str) -> None:
+    """[recurrence] is validated once, by the schedule's own rules, and the error names the config key."""
+    from retro.training.errors import ConfigError
+    from retro.training.job_config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"recurrence.{key}={value}"])
