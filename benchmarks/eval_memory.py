@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 import retro
 import retro.model.modeling
-from benchmarks.common import print_table, time_interleaved, write_results
+from benchmarks.common import model_config, print_table, time_interleaved, write_results
 from retro.model.loss import LOSS_CHUNK_ROWS, _chunked, linear_cross_entropy
 
 MIB = 2**20
@@ -69,6 +69,7 @@ def measure(fn) -> dict:
         start = torch.cuda.memory_allocated()
     with torch.no_grad(), PeakBytes() as tracker:
         value = fn()
+    value = getattr(value, "total", value)  # the chunked head loss returns a HeadLoss (total, ce, kd)
     out = {"peak_mib": tracker.peak / MIB, "value": float(value)}
     if cuda:
         out["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - start) / MIB
@@ -95,16 +96,7 @@ def model_case(args, device) -> dict:
     """A whole RetroForCausalLM evaluation call (what retro.eval / validation run)."""
     torch.manual_seed(0)
     h = args.model_hidden
-    config = retro.RetroConfig(
-        vocab_size=args.model_vocab,
-        hidden_size=h,
-        intermediate_size=int(h * 8 / 3) // 16 * 16,
-        num_attention_heads=h // 64,
-        num_key_value_heads=h // 64,
-        n_prelude=1,
-        n_recurrent=2,
-        n_coda=1,
-    )
+    config = model_config(h, "1,2,1", args.model_vocab)
     model = retro.RetroForCausalLM(config).to(device)
     ids = torch.randint(0, args.model_vocab, (args.model_batch, args.model_seq), device=device)
     targets = torch.roll(ids, -1, 1)

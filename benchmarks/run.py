@@ -9,7 +9,9 @@ process with the suite's small settings and writes its JSON into a scratch folde
 full-size results under benchmarks/results/ are left alone); the suite gathers those into one
 report with machine info, library versions, each benchmark's arguments and its rows. Benchmark
 modules are discovered from the folder; one the suite has no settings for runs with its
-defaults, and a listed one that is missing is reported as missing, not as an error.
+defaults. Drift between the suite and the benchmarks is an error, not a note: a benchmark listed
+in CPU_SETTINGS that does not exist stops the suite before anything runs (exit 2), and one that
+rejects a flag the suite passes fails its row with the flag named (no retry without it).
 """
 
 from __future__ import annotations
@@ -28,97 +30,25 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, machine_info
+from benchmarks.common import RESULTS, machine_info, markdown_table
 
 HERE = Path(__file__).parent
 # Not timings but experiments, run by hand: optimizer_convergence needs a demo run's model and shards
 # (--model, --data); distill_and_layers trains on a real model for about an hour.
 NOT_BENCHMARKS = {"__init__", "common", "run", "optimizer_convergence", "distill_and_layers"}
 
-# Small settings: the whole suite in < 10 minutes on 2 CPU cores. "{out}" is the scratch folder.
-CPU_SETTINGS: dict[str, list[str]] = {
-    "model_throughput": [
-        "--hidden",
-        "128",
-        "--layers",
-        "6",
-        "--vocab",
-        "2048",
-        "--batch",
-        "2",
-        "--seq",
-        "128",
-        "--repeats",
-        "3",
-    ],
-    "data_throughput": [
-        "--docs",
-        "1500",
-        "--vocab",
-        "2048",
-        "--seq",
-        "256",
-        "--batch",
-        "4",
-        "--batches",
-        "40",
-        "--repeats",
-        "2",
-    ],
-    "train_throughput": [
-        "--hidden",
-        "128",
-        "--shape",
-        "1,2,1",
-        "--vocab",
-        "2048",
-        "--batch",
-        "2",
-        "--seq",
-        "64",
-        "--repeats",
-        "2",
-        "--recurrences",
-        "1,8",
-    ],
-    "muon": [
-        "--hidden",
-        "128",
-        "--layers",
-        "4",
-        "--intermediate",
-        "344",
-        "--vocab",
-        "2048",
-        "--batch",
-        "2",
-        "--seq",
-        "128",
-        "--repeats",
-        "3",
-        "--ns-repeats",
-        "2",
-        "--no-torch-muon",
-    ],
-    "kernels": ["--repeats", "2", "--scale", "8", "--out", "{out}/kernels.json"],
-    "scaling": [
-        "--hidden",
-        "128",
-        "--shape",
-        "1,2,1",
-        "--vocab",
-        "2048",
-        "--batch",
-        "8",
-        "--seq",
-        "64",
-        "--recurrences",
-        "1,8",
-        "--repeats",
-        "3",
-        "--warmup",
-        "1",
-    ],
+# Small settings, one command line per benchmark: the whole suite in < 10 minutes on 2 CPU cores. "{out}" is
+# the scratch folder. A benchmark listed here must exist, and must accept every flag given to it.
+CPU_SETTINGS: dict[str, str] = {
+    "model_throughput": "--hidden 128 --layers 6 --vocab 2048 --batch 2 --seq 128 --repeats 3",
+    "data_throughput": "--docs 1500 --vocab 2048 --seq 256 --batch 4 --batches 40 --repeats 2",
+    "train_throughput": "--hidden 128 --shape 1,2,1 --vocab 2048 --batch 2 --seq 64 --repeats 2 --recurrences 1,8",
+    "muon": (
+        "--hidden 128 --layers 4 --intermediate 344 --vocab 2048 --batch 2 --seq 128 --repeats 3"
+        " --ns-repeats 2 --no-torch-muon"
+    ),
+    "kernels": "--repeats 2 --scale 8 --out {out}/kernels.json",
+    "scaling": "--hidden 128 --shape 1,2,1 --vocab 2048 --batch 8 --seq 64 --recurrences 1,8 --repeats 3 --warmup 1",
 }
 VERSIONED = ("torch", "transformers", "triton", "numpy", "datasets", "torchdata", "safetensors")
 
@@ -127,6 +57,26 @@ def discover() -> list[str]:
     """The suite's benchmarks in its own order, then any other module found in benchmarks/."""
     found = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in NOT_BENCHMARKS)
     return list(CPU_SETTINGS) + [name for name in found if name not in CPU_SETTINGS]
+
+
+def missing_benchmarks() -> list[str]:
+    """The benchmarks CPU_SETTINGS lists that have no module in benchmarks/ (renamed or removed)."""
+    return [name for name in CPU_SETTINGS if not (HERE / f"{name}.py").is_file()]
+
+
+def suite_args(name: str, out: str) -> list[str] | None:
+    """The suite's command-line arguments for `name` with "{out}" set to `out`; None if it has no settings."""
+    settings = CPU_SETTINGS.get(name)
+    return None if settings is None else [a.replace("{out}", out) for a in settings.split()]
+
+
+def rejected_flags(stderr: str) -> list[str]:
+    """The options an argparse error names: "unrecognized arguments: --a 1 --b" -> [--a, --b];
+    "argument --a: invalid int value" -> [--a]."""
+    unrecognized = re.search(r"unrecognized arguments: (.*)", stderr)
+    if unrecognized:
+        return [word for word in unrecognized.group(1).split() if word.startswith("-")]
+    return re.findall(r"error: argument (-[^\s:/]+)", stderr)
 
 
 def versions() -> dict[str, str | None]:
@@ -161,56 +111,33 @@ def child(name: str, out: str, args: list[str]) -> None:
     runpy.run_module(f"benchmarks.{name}", run_name="__main__", alter_sys=True)
 
 
-def drop_unknown(args: list[str], stderr: str) -> tuple[list[str], list[str]]:
-    """Remove the flags argparse rejected (and their values), so a renamed option costs a note, not the row."""
-    match = re.search(r"unrecognized arguments: (.*)", stderr)
-    if not match:
-        return args, []
-    rejected = set(match.group(1).split())
-    kept, dropped, i = [], [], 0
-    while i < len(args):
-        if args[i].startswith("--") and args[i] in rejected:
-            takes_value = i + 1 < len(args) and not args[i + 1].startswith("--") and args[i + 1] in rejected
-            dropped += args[i : i + 1 + takes_value]
-            i += 1 + takes_value
-        else:
-            kept.append(args[i])
-            i += 1
-    return kept, dropped
-
-
 def run_one(name: str, out: str, timeout: float) -> dict:
     """One benchmark in a child process; the JSON it wrote, wall time and what went wrong if anything.
 
     All benchmarks of a suite run share the scratch folder `out`, so one that reads another's
     results (data_throughput reads model_throughput's) sees the suite's own numbers.
     """
-    if not (HERE / f"{name}.py").is_file():
-        return {"name": name, "status": "missing", "note": f"benchmarks/{name}.py is not in this checkout"}
     before = {p: p.stat().st_mtime_ns for p in Path(out).glob("*.json")}
-    settings = CPU_SETTINGS.get(name)
-    args = [a.replace("{out}", out) for a in settings] if settings is not None else []
-    notes = [] if settings is not None else ["no small settings in benchmarks/run.py: ran with its defaults"]
+    args = suite_args(name, out)
+    notes = [] if args is not None else ["no small settings in benchmarks/run.py: ran with its defaults"]
+    args = args or []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
-    for attempt in range(2):
-        cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, out, "--", *args]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent)
-        except subprocess.TimeoutExpired:
-            return {
-                "name": name,
-                "status": "timeout",
-                "args": [a.replace(out, "<scratch>") for a in args],
-                "seconds": timeout,
-                "note": f"did not finish within {timeout:.0f} s",
-            }
-        if proc.returncode == 2 and "unrecognized arguments" in proc.stderr and attempt == 0:
-            args, dropped = drop_unknown(args, proc.stderr)
-            notes.append(f"it does not accept {' '.join(dropped)}: rerun without")
-            continue
-        break
+    cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, out, "--", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent)
+    except subprocess.TimeoutExpired:
+        return {
+            "name": name,
+            "status": "timeout",
+            "args": [a.replace(out, "<scratch>") for a in args],
+            "seconds": timeout,
+            "note": f"did not finish within {timeout:.0f} s",
+        }
     seconds = time.perf_counter() - started
+    rejected = rejected_flags(proc.stderr) if proc.returncode == 2 else []  # argparse's exit status
+    if rejected:
+        notes.append(f"it rejects {', '.join(rejected)}, given by CPU_SETTINGS in benchmarks/run.py")
     results = {
         p.stem: json.loads(p.read_text())
         for p in sorted(Path(out).glob("*.json"))
@@ -262,14 +189,20 @@ def markdown(report: dict) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
         "",
-        "| benchmark | status | seconds | arguments | note |",
-        "|---|---|---|---|---|",
     ]
-    for b in report["benchmarks"]:
-        lines.append(
-            f"| {b['name']} | {b['status']} | {b.get('seconds', '')} | `{' '.join(b.get('args', [])) or '(defaults)'}` "
-            f"| {fmt(b.get('note') or '')} |"
-        )
+    lines += markdown_table(
+        ["benchmark", "status", "seconds", "arguments", "note"],
+        [
+            [
+                b["name"],
+                b["status"],
+                b.get("seconds", ""),
+                f"`{' '.join(b.get('args', [])) or '(defaults)'}`",
+                fmt(b.get("note") or ""),
+            ]
+            for b in report["benchmarks"]
+        ],
+    )
     for b in report["benchmarks"]:
         if b["status"] != "ok":
             continue
@@ -280,8 +213,8 @@ def markdown(report: dict) -> str:
                 lines += ["", f"Config ({stem}): " + ", ".join(f"{k}={v}" for k, v in config.items())]
         for title, rows in row_tables(b["results"]):
             columns = list(dict.fromkeys(k for r in rows for k in r))
-            lines += ["", f"{title}:", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+            lines += ["", f"{title}:", ""]
+            lines += markdown_table(columns, [[fmt(r.get(c, "")) for c in columns] for r in rows])
     return "\n".join(lines) + "\n"
 
 
@@ -306,11 +239,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(names)}")
         names = [n for n in names if n in args.only.split(",")]
     names = [n for n in names if n not in args.skip.split(",")]
+    missing = missing_benchmarks()
+    if missing:
+        print(
+            "[suite] error: CPU_SETTINGS in benchmarks/run.py lists "
+            + ", ".join(f"{name} (no benchmarks/{name}.py)" for name in missing)
+            + ": rename or remove the entry",
+            file=sys.stderr,
+        )
+        return 2
     if args.list:
         for name in names:
-            present = "" if (HERE / f"{name}.py").is_file() else "  (missing)"
             settings = CPU_SETTINGS.get(name)
-            print(f"{name:<18} {' '.join(settings) if settings is not None else '(defaults)'}{present}")
+            print(f"{name:<18} {settings if settings is not None else '(defaults)'}")
         return 0
     device = "gpu" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
@@ -342,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(f"[suite] {report['total_seconds']:.0f} s; wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
-    return 0 if all(r["status"] in ("ok", "missing") for r in records) else 1
+    return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
 if __name__ == "__main__":

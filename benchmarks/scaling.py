@@ -34,7 +34,7 @@ from torch.distributed.fsdp import fully_shard
 
 import retro
 import retro.training.model_source
-from benchmarks.common import print_table, write_results
+from benchmarks.common import model_config, print_table, write_results
 from retro.distributed.comm_count import count_fsdp_collectives
 from retro.distributed.parallelize import ParallelSettings, decoder_layers, parallelize
 from retro.distributed.setup import DistInfo, all_reduce_mean, build_mesh
@@ -131,19 +131,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results: 
     cfg.model.init = "random"
     cfg.optim.name = args.optim
     cfg.parallel.activation_checkpointing = "recurrence"
-    p, r, c = (int(v) for v in args.shape.split(","))
-    h = args.hidden
-    config = retro.RetroConfig(
-        vocab_size=args.vocab,
-        hidden_size=h,
-        intermediate_size=int(h * 8 / 3) // 16 * 16,
-        num_attention_heads=max(1, h // 64),
-        num_key_value_heads=max(1, h // 64),
-        n_prelude=p,
-        n_recurrent=r,
-        n_coda=c,
-        max_position_embeddings=args.seq,
-    )
+    config = model_config(args.hidden, args.shape, args.vocab, args.seq)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     trainers = {layout: LayoutStep(cfg, config, info, mesh, layout, ids) for layout in LAYOUTS}
     out = {}

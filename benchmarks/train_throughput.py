@@ -17,7 +17,7 @@ import time
 import torch
 
 import retro
-from benchmarks.common import print_table, write_results
+from benchmarks.common import model_config, print_table, write_results
 from retro.distributed.hardware import peak_flops
 from retro.distributed.parallelize import ParallelSettings, parallelize
 from retro.model.flops import FlopModel
@@ -85,21 +85,10 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
-    p, r, c = (int(v) for v in args.shape.split(","))
-    h = args.hidden
-    fields = dict(
-        vocab_size=args.vocab,
-        hidden_size=h,
-        intermediate_size=int(h * 8 / 3) // 16 * 16,
-        num_attention_heads=max(1, h // 64),
-        num_key_value_heads=max(1, h // 64),
-        n_prelude=p,
-        n_recurrent=r,
-        n_coda=c,
-    )
     if args.preset:
-        fields = PRESETS[args.preset]
-    config = retro.RetroConfig(max_position_embeddings=args.seq, **fields)
+        config = retro.RetroConfig(max_position_embeddings=args.seq, **PRESETS[args.preset])
+    else:
+        config = model_config(args.hidden, args.shape, args.vocab, args.seq)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     flops = FlopModel.from_config(config, args.seq)
     peak = peak_flops(device)
@@ -128,7 +117,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     print(
-        f"\nmodel {args.preset or f'h={h} shape={args.shape}'} vocab={config.vocab_size} "
+        f"\nmodel {args.preset or f'h={args.hidden} shape={args.shape}'} vocab={config.vocab_size} "
         f"tokens={args.batch}x{args.seq} on {device} ({dtype}); "
         f"peak {peak / 1e9:.1f} GFLOP/s ({'spec sheet' if device.type == 'cuda' else 'measured fp32 matmul'})"
     )

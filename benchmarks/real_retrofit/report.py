@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, markdown_table
 from benchmarks.real_retrofit.metrics import flop_model, mean_spread, smoothed_loss
 from benchmarks.real_retrofit.stages import REPO, Stages
 
@@ -182,35 +182,24 @@ def markdown(p: dict) -> str:
         "",
         "## (a) No-drop conversion vs transformers' GGUF model (r = 1)",
         "",
-        "| data | tokens | transformers loss | model | max abs dlogits | retro loss |",
-        "|---|---|---|---|---|---|",
     ]
+    rows = []
     for data, e in p["reproduce"]["data"].items():
         for name in ("static", "nodrop"):
-            lines.append(
-                f"| {data} | {e['tokens']} | {e['transformers_loss']:.4f} | {name} | "
-                f"{e[name]['max_abs_dlogits']:.2e} | {e[name]['loss']:.4f} |"
-            )
-    lines += [
-        "",
-        "## (b) Loss right after surgery (r = 1; identity adapter, so every r gives the same)",
-        "",
-        "| model | layers kept | GSM8K val | WikiText-2 |",
-        "|---|---|---|---|",
-    ]
-    for label, kept in p["before_layers"].items():
-        lines.append(
-            f"| {label} | {kept} | {p['before']['gsm8k'][label]:.3f} | {p['before']['wikitext2'][label]:.3f} |"
-        )
-    lines += [
-        "",
-        "## (c-e) After post-training: GSM8K val loss by test recurrence r",
-        "",
-        "| model | seed | steps | tokens | train PFLOP | "
-        + " | ".join(f"r={r}" for r in rs)
-        + " | WikiText-2 after | tok/s | peak RSS MiB |",
-        "|---|---|---|---|---|" + "---|" * len(rs) + "---|---|---|",
-    ]
+            ours = e[name]
+            ref = [data, e["tokens"], f"{e['transformers_loss']:.4f}"]
+            rows.append([*ref, name, f"{ours['max_abs_dlogits']:.2e}", f"{ours['loss']:.4f}"])
+    lines += markdown_table(["data", "tokens", "transformers loss", "model", "max abs dlogits", "retro loss"], rows)
+    lines += ["", "## (b) Loss right after surgery (r = 1; identity adapter, so every r gives the same)", ""]
+    lines += markdown_table(
+        ["model", "layers kept", "GSM8K val", "WikiText-2"],
+        [
+            [label, kept, f"{p['before']['gsm8k'][label]:.3f}", f"{p['before']['wikitext2'][label]:.3f}"]
+            for label, kept in p["before_layers"].items()
+        ],
+    )
+    lines += ["", "## (c-e) After post-training: GSM8K val loss by test recurrence r", ""]
+    rows = []
     for kind in ("recurrent", "static", "kept_r1"):
         for seed in seeds:
             t = p["train"][seed][kind]
@@ -219,17 +208,16 @@ def markdown(p: dict) -> str:
             cells = [_fmt(v.get(r)) if kind != "static" else (_fmt(v.get("1")) if r == "1" else "") for r in rs]
             wiki = _fmt(w.get(str(m)) if kind == "recurrent" else w.get("1"))
             wiki_note = f"{wiki} (r={m}; r=1 {_fmt(w.get('1'))})" if kind == "recurrent" else wiki
-            lines.append(
-                f"| {kind} | {seed} | {t['steps']} | {t['tokens']} | {t['train_flops'] / 1e15:.3f} | "
-                + " | ".join(cells)
-                + f" | {wiki_note} | {t['tokens_per_s']:.0f} | {t['peak_rss_mib']} |"
-            )
+            train = [kind, seed, t["steps"], t["tokens"], f"{t['train_flops'] / 1e15:.3f}"]
+            rows.append(train + cells + [wiki_note, f"{t['tokens_per_s']:.0f}", t["peak_rss_mib"]])
     for kind in ("recurrent", "static", "kept_r1"):
         cells = []
         for r in rs:
             values = [p["val_loss"][kind][seed][r] for seed in seeds if r in p["val_loss"][kind][seed]]
             cells.append(f"{statistics.fmean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}" if values else "")
-        lines.append(f"| {kind}: mean ± half-range over seeds | | | | | " + " | ".join(cells) + " | | | |")
+        rows.append([f"{kind}: mean ± half-range over seeds", "", "", "", "", *cells, "", "", ""])
+    columns = ["model", "seed", "steps", "tokens", "train PFLOP", *(f"r={r}" for r in rs)]
+    lines += markdown_table([*columns, "WikiText-2 after", "tok/s", "peak RSS MiB"], rows)
     lines += [
         "",
         f"Gain of r = {m} over r = 1 per seed: "
@@ -246,34 +234,33 @@ def markdown(p: dict) -> str:
         "",
         "## Equal tokens (same batches): training loss over the last steps every run shares",
         "",
-        "| seed | up to step | window | recurrent | static | kept_r1 | trainer val r=1 at the recurrent run's "
-        "last step (recurrent / static / kept_r1) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for seed, e in p["equal_tokens"].items():
         tl, tv = e["train_loss"], e["trainer_val_loss_r1_at_recurrent_steps"]
-        lines.append(
-            f"| {seed} | {e['step']} | {e['window']} | {tl['recurrent']:.3f} | {tl['static']:.3f} | "
-            f"{tl['kept_r1']:.3f} | {_fmt(tv['recurrent'])} / {_fmt(tv['static'])} / {_fmt(tv['kept_r1'])} |"
-        )
+        losses = [f"{tl['recurrent']:.3f}", f"{tl['static']:.3f}", f"{tl['kept_r1']:.3f}"]
+        val = f"{_fmt(tv['recurrent'])} / {_fmt(tv['static'])} / {_fmt(tv['kept_r1'])}"
+        rows.append([seed, e["step"], e["window"], *losses, val])
+    val_column = "trainer val r=1 at the recurrent run's last step (recurrent / static / kept_r1)"
+    lines += markdown_table(["seed", "up to step", "window", "recurrent", "static", "kept_r1", val_column], rows)
     lines += [
         "",
         f"## GSM8K accuracy (greedy, 1-shot, first {s['gsm8k_limit']} test problems, at most "
         f"{s['gsm8k_max_new_tokens']} new tokens)",
         "",
-        "| model | r | flexible-extract | strict-match | seconds |",
-        "|---|---|---|---|---|",
     ]
+    rows = []
     for name, res in p["gsm8k_accuracy"].items():
         for r, run in res["runs"].items():
             em = run["exact_match"]
-            lines.append(
-                f"| {name} | {'static' if res['static'] else r} | {100 * em['flexible-extract']:.0f}% | "
-                f"{100 * em['strict-match']:.0f}% | {run['seconds']:.0f} |"
-            )
-    lines += ["", "## Stages", "", "| stage | seconds | peak RSS MiB |", "|---|---|---|"]
-    for st in p["stages"]:
-        lines.append(f"| {st['stage']} | {st['seconds']:.0f} | {st['peak_rss_mib']:.0f} |")
+            accuracy = [f"{100 * em['flexible-extract']:.0f}%", f"{100 * em['strict-match']:.0f}%"]
+            rows.append([name, "static" if res["static"] else r, *accuracy, f"{run['seconds']:.0f}"])
+    lines += markdown_table(["model", "r", "flexible-extract", "strict-match", "seconds"], rows)
+    lines += ["", "## Stages", ""]
+    lines += markdown_table(
+        ["stage", "seconds", "peak RSS MiB"],
+        [[st["stage"], f"{st['seconds']:.0f}", f"{st['peak_rss_mib']:.0f}"] for st in p["stages"]],
+    )
     return "\n".join(lines) + "\n"
 
 

