@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,47 +16,45 @@ import torch
 from retro.training.recurrence import Draw
 
 
-def step_record(
-    step: int,
-    losses: dict[str, float],
-    grad_norm: float,
-    lrs: list[float],
-    draws: list[Draw],
-    tokens_per_step: int,
-    elapsed: float,
-    flops_per_token: Callable[[float, float], float],
-    peak_flops: float,
-    world_size: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Optimizer step `step` (1-based) as logged: losses, recurrence, throughput, loop-aware MFU, memory.
+@dataclass(frozen=True)
+class StepCost:
+    """What a step costs, fixed for the run: the basis of its throughput and loop-aware MFU."""
 
-    `losses` holds "loss" and the objective's parts; `flops_per_token(n, k)` is evaluated at the step's
-    mean n and k, exact because FLOPs are linear in both.
-    """
-    n = sum(d.n for d in draws) / len(draws)
-    k = sum(d.k for d in draws) / len(draws)
-    loss, parts = losses["loss"], {name: value for name, value in losses.items() if name != "loss"}
-    return {
-        "step": step,
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "lr": lrs[-1],
-        "lr_groups": lrs,
-        "n": n,
-        "k": k,
-        "r": n + k,
-        "r_micro": [d.r for d in draws],
-        "mean_recurrence": draws[0].mean,
-        "capped": sum(d.capped for d in draws),
-        "tokens": step * tokens_per_step,
-        "tokens_per_s": tokens_per_step / elapsed,
-        "step_time_s": elapsed,
-        "skipped": not (math.isfinite(loss) and math.isfinite(grad_norm)),
-        "mfu": flops_per_token(n, k) * tokens_per_step / elapsed / peak_flops / world_size,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-        **parts,
-    }
+    tokens_per_step: int  # global batch x sequence length
+    flops_per_token: Callable[[float, float], float]  # at (mean n, mean k): exact, FLOPs are linear in both
+    peak_flops: float  # per device
+    world_size: int
+    device: torch.device
+
+    def record(
+        self, step: int, losses: dict[str, float], grad_norm: float, lrs: list[float], draws: list[Draw], elapsed: float
+    ) -> dict[str, Any]:
+        """Optimizer step `step` (1-based) as logged: losses ("loss" and the objective's parts), recurrence,
+        throughput, loop-aware MFU, peak memory; "skipped" when the loss or gradient norm is not finite."""
+        n = sum(d.n for d in draws) / len(draws)
+        k = sum(d.k for d in draws) / len(draws)
+        loss, parts = losses["loss"], {name: value for name, value in losses.items() if name != "loss"}
+        cuda = self.device.type == "cuda"
+        return {
+            "step": step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lrs[-1],
+            "lr_groups": lrs,
+            "n": n,
+            "k": k,
+            "r": n + k,
+            "r_micro": [d.r for d in draws],
+            "mean_recurrence": draws[0].mean,
+            "capped": sum(d.capped for d in draws),
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_s": self.tokens_per_step / elapsed,
+            "step_time_s": elapsed,
+            "skipped": not (math.isfinite(loss) and math.isfinite(grad_norm)),
+            "mfu": self.flops_per_token(n, k) * self.tokens_per_step / elapsed / self.peak_flops / self.world_size,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            **parts,
+        }
 
 
 class MetricsLog:

@@ -29,7 +29,7 @@ from retro.training.checkpoint import Checkpointer, complete_checkpoints
 from retro.training.distill import build_teacher
 from retro.training.errors import TrainingError
 from retro.training.job_config import JobConfig
-from retro.training.metrics import MetricsLog, step_record
+from retro.training.metrics import MetricsLog, StepCost
 from retro.training.model_source import build_model
 from retro.training.objective import CrossEntropy, Distillation, Objective
 from retro.training.preflight import reshard_warning
@@ -62,8 +62,8 @@ class Trainer:
         self.accumulation = t.global_batch // (t.micro_batch * info.world_size)
         self.checkpointer = Checkpointer(job.checkpoint, self.out_dir, info.rank, info.world_size)
         self.flops = FlopModel.from_config(model_config, job.data.seq_len)
-        self.peak = peak_flops(info.device)
-        self.tokens_per_step = t.global_batch * job.data.seq_len
+        tokens, peak = t.global_batch * job.data.seq_len, peak_flops(info.device)
+        self.cost = StepCost(tokens, self._flops_per_token, peak, info.world_size, info.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.state: TrainState | None = None  # the data position and step: set by `start`
         self.log: MetricsLog | None = None
@@ -163,11 +163,7 @@ class Trainer:
         self.scheduler.step()
         self.state.step = step + 1
         elapsed = time.perf_counter() - started
-        record = step_record(
-            step + 1, losses, grad_norm, self.scheduler.get_last_lr(), draws, self.tokens_per_step, elapsed,
-            self._flops_per_token, self.peak, self.info.world_size, device,
-        )  # fmt: skip
-        return record, signalled
+        return self.cost.record(step + 1, losses, grad_norm, self.scheduler.get_last_lr(), draws, elapsed), signalled
 
     def _flops_per_token(self, n: float, k: float) -> float:
         """The step's work per token: the student's n no-grad + k grad passes, and the objective's own."""
@@ -190,8 +186,8 @@ class Trainer:
     def save(self) -> bool:
         """Save the current state if its weights are finite; False (and nothing written) if not."""
         if not self.weights_finite():
-            self._say(f"error: weights are not finite after step {self.state.step} (diverged); not saving; "
-                      f"{self.what_exists()}", True)  # fmt: skip
+            diverged = f"weights are not finite after step {self.state.step} (diverged)"
+            self._say(f"error: {diverged}; not saving; {self.what_exists()}", True)
             return False
         self.checkpointer.save(self.state.step, self.model, self.optimizer, self.state)
         return True
@@ -212,8 +208,9 @@ class Trainer:
                 bad_in_a_row = 0 if finite else bad_in_a_row + 1
                 progress.update(loss=f"{record['loss']:.4f}", r=record["r"], m=record["mean_recurrence"])
                 if not finite:
-                    self._say(f"step {record['step']}: non-finite loss {record['loss']} or grad norm "
-                              f"{record['grad_norm']}; update skipped ({bad_in_a_row} in a row)", True)  # fmt: skip
+                    loss, norm = record["loss"], record["grad_norm"]
+                    why = f"non-finite loss {loss} or grad norm {norm}; update skipped ({bad_in_a_row} in a row)"
+                    self._say(f"step {record['step']}: {why}", True)
                 decision = self.decide(record["step"], finite, bad_in_a_row, signalled)
                 exit_code = self.act(decision, record, bad_in_a_row)
                 if exit_code is not None:
