@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from retro.model.modeling import RetroForCausalLM, attention_mask_4d
-from retro.model.rope import rope_cos_sin
+from retro.model.modeling import RetroForCausalLM
 
 
 class _Slot:
@@ -191,16 +190,14 @@ def _fixed_step(model, ids, mask, pos, cache, r, generator) -> torch.Tensor:
 
 
 def _adaptive_step(model, ids, mask, pos, cache: StaticKVCache, r_max: int, threshold: float, generator):
-    """One decode step with a per-row exit; returns last-position logits [B, V] and passes used [B]."""
+    """One decode step with a per-row exit; returns last-position logits [B, V] and passes used [B].
+
+    The model's own stages (as in its forward, autocast included), with the recurrent block run pass by pass.
+    """
     m = model.model
-    x = m.embed_tokens(ids)
-    rope = rope_cos_sin(m.inv_freq, pos, x.dtype)
-    mask4 = attention_mask_4d(mask, ids.size(1), cache.past_length, x.device)
-    for i, layer in enumerate(m.prelude):
-        x = layer(x, rope, mask4, cache.slot(("prelude", i)))
+    e, rope, mask4 = m.embed_and_prelude(ids, mask, pos, cache)
     core = m.recurrent  # called pass by pass (outside its forward): single-device eval, not FSDP-sharded
-    injection = core.adapter.injection(x)
-    state = m.initial_state(x, generator)
+    injection, state = core.start(e, m.initial_state(e, generator))
     batch = ids.size(0)
     exited = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     passes = torch.full((batch,), r_max, dtype=torch.long, device=ids.device)
@@ -211,10 +208,7 @@ def _adaptive_step(model, ids, mask, pos, cache: StaticKVCache, r_max: int, thre
             new_state = torch.where(exited[:, None, None], state, new_state)
             cache.copy_pass(p - 1, p, exited, ids.size(1))
         state = new_state
-        y = state
-        for i, layer in enumerate(m.coda):
-            y = layer(y, rope, mask4, cache.slot(("coda", i)))
-        logits = model.lm_head(m.norm(y[:, -1]))
+        logits = model.lm_head(m.coda_and_norm(state, rope, mask4, cache)[:, -1])
         logp = F.log_softmax(logits.float(), dim=-1)
         if prev_logp is not None:
             kl = (prev_logp.exp() * (prev_logp - logp)).sum(-1).clamp_min(0)

@@ -1,13 +1,16 @@
 """`RetroForCausalLM`: embed -> prelude -> adapter + recurrent block (r passes) -> coda -> norm -> head.
 
 Single-device code: sharding, activation checkpointing and compile are applied from outside
-(retro/parallel.py); `RecurrentCore.checkpoint_passes` is the hook for per-recurrence checkpointing.
+(retro/distributed/parallelize.py); `RecurrentCore.checkpoint_passes` is the hook for per-recurrence
+checkpointing. Each stage is one method (`RetroModel.embed_and_prelude`, `RecurrentCore.start` +
+`recurrence_pass`, `RetroModel.coda_and_norm`) that `RetroModel.forward` and the adaptive-exit decoder
+(retro/inference/generate.py, which runs the passes one by one) share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -29,11 +32,23 @@ HeadLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class KVCache(Protocol):
-    """A cache keyed per (stage, pass, layer); see retro/generate.py for the implementation."""
+    """A cache keyed per (stage, pass, layer); see retro/inference/generate.py for the implementation."""
 
     past_length: int
 
     def slot(self, key: tuple) -> KVSlot: ...
+
+
+class Prelude(NamedTuple):
+    """What `RetroModel.embed_and_prelude` hands to the later stages."""
+
+    e: torch.Tensor  # prelude output [B, T, h], in the compute dtype
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin for the positions
+    mask: torch.Tensor | None  # bool [B, 1, T, S], or None for plain causal attention
+
+
+def _kv_slot(cache: KVCache | None, key: tuple) -> KVSlot | None:
+    return cache.slot(key) if cache is not None else None
 
 
 def split_recurrences(num_recurrences: Recurrences, default: int) -> tuple[int, int]:
@@ -107,13 +122,29 @@ class RecurrentCore(nn.Module):
         super().__init__()
         self.adapter = Adapter(config.hidden_size)
         self.block = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_recurrent))
-        self.checkpoint_passes = False  # per-recurrence activation checkpointing, set by retro.parallel
+        self.checkpoint_passes = False  # per-recurrence activation checkpointing, set by retro.distributed.parallelize
 
-    def recurrence_pass(self, state, injection, rope, mask, cache: KVCache | None, pass_index: int) -> torch.Tensor:
-        """One pass: adapter then the block's layers. The unit of activation checkpointing."""
+    def start(self, e: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(injection, s0) for the passes: W_inject·e once for all of them, and the state in the injection's
+        dtype (the compute dtype: bf16 under autocast or with FSDP2's bf16 parameters), so an fp32 s0
+        handed in does not mix dtypes."""
+        injection = self.adapter.injection(e)
+        return injection, state.to(injection.dtype)
+
+    def recurrence_pass(
+        self,
+        state: torch.Tensor,
+        injection: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        pass_index: int,
+    ) -> torch.Tensor:
+        """One pass: adapter then the block's layers. The unit of activation checkpointing, and the step
+        of the adaptive-exit decoder (which calls it outside `forward`: single-device eval, not sharded)."""
         state = self.adapter(state, injection)
         for i, layer in enumerate(self.block):
-            state = layer(state, rope, mask, cache.slot(("block", pass_index, i)) if cache is not None else None)
+            state = layer(state, rope, mask, _kv_slot(cache, ("block", pass_index, i)))
         return state
 
     def _run_pass(self, state, injection, rope, mask, cache, pass_index):
@@ -124,11 +155,9 @@ class RecurrentCore(nn.Module):
     def forward(self, e, state, rope, mask, cache: KVCache | None, n: int, k: int) -> torch.Tensor:
         """n passes under no_grad (truncated backprop), then k passes with grad; e is the prelude output.
 
-        The state follows the injection's dtype (the compute dtype: bf16 under autocast or with
-        FSDP2's bf16 parameters), so an fp32 initial state handed in does not mix dtypes.
+        Training calls this as one module (one FSDP2 unit), never pass by pass.
         """
-        injection = self.adapter.injection(e)
-        state = state.to(injection.dtype)
+        injection, state = self.start(e, state)
         with torch.no_grad():
             for p in range(n):
                 state = self._run_pass(state, injection, rope, mask, cache, p)
@@ -146,7 +175,8 @@ class RetroModel(RetroPreTrainedModel):
         self.coda = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_coda))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.register_buffer("inv_freq", inverse_frequencies(config.head_dim, config.rope_parameters), persistent=False)
-        self.checkpoint_layers = False  # checkpoint each prelude/coda layer too ("full" AC), set by retro.parallel
+        # Checkpoint each prelude/coda layer too ("full" AC), set by retro.distributed.parallelize.
+        self.checkpoint_layers = False
         self.post_init()
 
     def _run_layer(self, layer: DecoderLayer, x, rope, mask, kv_slot):
@@ -166,17 +196,14 @@ class RetroModel(RetroPreTrainedModel):
         nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std, generator=generator)
         return state.to(e.dtype)
 
-    def forward(
+    def embed_and_prelude(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        num_recurrences: Recurrences = None,
         cache: KVCache | None = None,
-        initial_state: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Final-normed hidden states [B, T, h]."""
+    ) -> Prelude:
+        """Embeddings, RoPE, the 4D mask and the prelude layers: e and what the later stages need."""
         batch, seq = input_ids.shape
         past = cache.past_length if cache is not None else 0
         if position_ids is None:
@@ -190,19 +217,40 @@ class RetroModel(RetroPreTrainedModel):
             mask = attention_mask_4d(
                 torch.ones(batch, past + seq, dtype=torch.bool, device=x.device), seq, past, x.device
             )
-
-        def slot(key):
-            return cache.slot(key) if cache is not None else None
-
         for i, layer in enumerate(self.prelude):
-            x = self._run_layer(layer, x, rope, mask, slot(("prelude", i)))
+            x = self._run_layer(layer, x, rope, mask, _kv_slot(cache, ("prelude", i)))
+        return Prelude(x, rope, mask)
+
+    def coda_and_norm(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The coda layers and the final norm on the recurrent state: the hidden states the head reads."""
+        for i, layer in enumerate(self.coda):
+            x = self._run_layer(layer, x, rope, mask, _kv_slot(cache, ("coda", i)))
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        num_recurrences: Recurrences = None,
+        cache: KVCache | None = None,
+        initial_state: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, T, h]: the stages in order, the recurrent core as one module call."""
+        e, rope, mask = self.embed_and_prelude(input_ids, attention_mask, position_ids, cache)
+        x = e
         if self.recurrent is not None:
             n, k = split_recurrences(num_recurrences, self.config.default_recurrences)
-            state = initial_state if initial_state is not None else self.initial_state(x, generator)
-            x = self.recurrent(x, state, rope, mask, cache, n, k)
-        for i, layer in enumerate(self.coda):
-            x = self._run_layer(layer, x, rope, mask, slot(("coda", i)))
-        return self.norm(x)
+            state = initial_state if initial_state is not None else self.initial_state(e, generator)
+            x = self.recurrent(e, state, rope, mask, cache, n, k)
+        return self.coda_and_norm(x, rope, mask, cache)
 
 
 class RetroForCausalLM(RetroPreTrainedModel):

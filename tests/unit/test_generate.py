@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 import retro  # noqa: F401  (registers the Auto classes)
 from retro.convert import convert
+from retro.inference import generate as generate_module
 from retro.inference.generate import (
     GenerationSettings,
     StaticKVCache,
@@ -20,6 +21,7 @@ from retro.inference.generate import (
     generate_text,
     positions_from_mask,
 )
+from retro.model.layers import DecoderLayer
 from retro.model.modeling import RetroForCausalLM
 
 PAD = 0
@@ -190,6 +192,46 @@ def test_adaptive_exit_threshold_zero_equals_fixed_rmax(model):
     adaptive = generate(model, ids, mask, GenerationSettings(max_new_tokens=6, num_recurrences=6, adaptive_exit=0.0))
     assert adaptive.tokens.tolist() == fixed.tokens.tolist()
     assert adaptive.passes.eq(6).all() and adaptive.mean_passes() == 6.0
+
+
+@pytest.mark.parametrize("which", ["model", "noisy_model"])
+def test_adaptive_exit_under_autocast_equals_fixed_rmax(request, monkeypatch, which):
+    """Under torch.autocast (bf16) the adaptive decoder computes in the autocast dtype from the embedding on,
+    as the model's forward does: at a threshold that never exits, every step's logits equal fixed r = r_max
+    decoding bit for bit. (It used to run the stages by hand, its prelude in fp32, so the logits differed.)"""
+    model = request.getfixturevalue(which)
+    ids, mask = left_pad(PROMPTS)
+    r_max, steps = 4, 5
+    seen: list[torch.Tensor] = []
+    dtypes: set[torch.dtype] = set()
+    pick = generate_module._next_token
+
+    def next_token(logits, settings, generator):
+        seen.append(logits.clone())
+        return pick(logits, settings, generator)
+
+    monkeypatch.setattr(generate_module, "_next_token", next_token)
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    hooks = [m.register_forward_hook(lambda _m, _args, out: dtypes.add(out.dtype)) for m in layers]
+    try:
+        runs = {}
+        for threshold in (None, 0.0):
+            seen.clear()
+            settings = GenerationSettings(max_new_tokens=steps, num_recurrences=r_max, adaptive_exit=threshold)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = generate(model, ids, mask, settings)
+            runs[threshold] = out, list(seen)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    (fixed, fixed_logits), (adaptive, adaptive_logits) = runs[None], runs[0.0]
+    assert dtypes == {torch.bfloat16}  # every decoder layer's output, prelude included, in both paths
+    assert adaptive.passes.eq(r_max).all()
+    assert adaptive.tokens.tolist() == fixed.tokens.tolist()
+    assert len(adaptive_logits) == len(fixed_logits) == steps
+    for a, f in zip(adaptive_logits, fixed_logits, strict=True):
+        assert a.dtype == f.dtype == torch.bfloat16
+        assert torch.equal(a, f)
 
 
 def test_adaptive_exit_loose_threshold_uses_fewer_passes_and_batches(model):
