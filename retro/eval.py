@@ -26,18 +26,15 @@ import json
 import platform
 import shlex
 import sys
-import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-from transformers import AutoTokenizer
 
-from retro.inference.generate import GenerationSettings, generate_text
-from retro.inference.task_base import LM_EVAL_VERSIONS, Task
+from retro.inference.evaluate import EvalSettings, default_device, evaluate_model
+from retro.inference.task_base import LM_EVAL_VERSIONS
 from retro.inference.tasks import TASKS
-from retro.model.config import STATE_INITS, RetroConfig
-from retro.model.modeling import RetroForCausalLM
+from retro.model.config import STATE_INITS
 
 
 def parse_recurrences(text: str) -> list[int]:
@@ -53,130 +50,6 @@ def parse_recurrences(text: str) -> list[int]:
     if bad:
         raise ValueError(f"--recurrences values must be >= 1, got {bad} in {text!r}")
     return sorted(set(values))
-
-
-def load_model(path: str | Path, state_init: str | None, device: str, dtype: torch.dtype) -> RetroForCausalLM:
-    """A retro checkpoint directory; `state_init` overrides the s0 init stored in its config."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model directory {path} has no config.json (expected a retro.convert / retro.export output)"
-        )
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type != "retro":
-        raise ValueError(
-            f"{path}/config.json has model_type {model_type!r}; convert it first with python -m retro.convert"
-        )
-    config = RetroConfig.from_pretrained(path)
-    if state_init is not None:
-        config.state_init = state_init
-    return RetroForCausalLM.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
-
-
-def load_tokenizer(path: str | Path, add_bos: bool = True, config: RetroConfig | None = None):
-    """The checkpoint's tokenizer; add_bos loads it with add_bos_token=True, as lm-eval's model arg does.
-
-    Pass the model's `config` (as loaded by `load_model`): without one, AutoTokenizer reads config.json again,
-    and wherever AutoConfig cannot resolve model_type "retro" it falls back to the base PreTrainedConfig, which
-    logs "You are using a model of type `retro` to instantiate a model of type ``".
-    """
-    kwargs = {"add_bos_token": True} if add_bos else {}
-    if config is not None:
-        kwargs["config"] = config
-    try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"no usable tokenizer in {path}: {error}") from None
-
-
-def stop_strings(task: Task, tokenizer) -> tuple[str, ...]:
-    """The task's stop strings plus the tokenizer's EOS text, as lm-eval adds it to `until`."""
-    eos = tokenizer.eos_token
-    return task.stop_strings + ((eos,) if eos and eos not in task.stop_strings else ())
-
-
-def eval_generation(model, tokenizer, task: Task, r: int, args: argparse.Namespace, label: str) -> dict:
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        num_recurrences=r,
-        share_block_cache=args.share_kv_cache,
-        adaptive_exit=args.adaptive_exit,
-        seed=args.seed,
-    )
-    stops = stop_strings(task, tokenizer)
-    examples = task.examples
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
-    records: list[dict | None] = [None] * len(examples)
-    passes_sum = tokens_sum = 0.0
-    for start in tqdm(range(0, len(order), args.batch_size), desc=f"{label} r={r}", unit="batch", leave=False):
-        idx = order[start : start + args.batch_size]
-        completions = generate_text(
-            model, tokenizer, [examples[i].prompt for i in idx], settings, stops, args.add_bos, args.max_length or None
-        )
-        for i, c in zip(idx, completions):
-            records[i] = {
-                "index": i,
-                "prompt": examples[i].prompt,
-                "prompt_tokens": c.prompt_tokens,
-                "truncated": c.truncated,
-                "reference": examples[i].reference,
-                **({"subject": examples[i].doc["subject"]} if "subject" in examples[i].doc else {}),
-                "completion": c.text,
-                "tokens": c.num_tokens,
-                "mean_passes": c.mean_passes,
-                **task.score(c.text, examples[i]),
-            }
-            passes_sum += c.mean_passes * c.num_tokens
-            tokens_sum += c.num_tokens
-    mean_passes = passes_sum / tokens_sum if tokens_sum else float(r)
-    result = {"metrics": _means(records, task.metrics), "mean_passes": mean_passes if model.config.is_recurrent else 0}
-    subjects = sorted({rec["subject"] for rec in records if "subject" in rec})
-    if len(subjects) > 1:  # e.g. the 7 MATH subjects; "metrics" is their size-weighted mean, as lm-eval's group
-        result["subjects"] = {
-            s: {
-                "n": sum(rec.get("subject") == s for rec in records),
-                **_means([rec for rec in records if rec.get("subject") == s], task.metrics),
-            }
-            for s in subjects
-        }
-    result["examples"] = records
-    return result
-
-
-def _means(records: list[dict], metrics) -> dict[str, float]:
-    return {m: sum(bool(rec[m]) for rec in records) / len(records) for m in metrics}
-
-
-@torch.no_grad()
-def eval_loss(model, data: str, r: int, args: argparse.Namespace, label: str) -> dict:
-    """Token-weighted mean cross entropy over the validation batches of prepared shards."""
-    from retro.data.loader import build_val_batches
-    from retro.data.shards import check_tokenizer_matches
-
-    check_tokenizer_matches(data, model.config.vocab_size)  # ids beyond the model's vocabulary fail here
-    device = model.lm_head.weight.device
-    generator = torch.Generator(device).manual_seed(args.seed)
-    total = tokens = 0.0
-    batches = build_val_batches(data, args.seq_len, args.batch_size, 0, 1, args.limit)
-    for batch in tqdm(batches, desc=f"{label} r={r}", unit="batch", leave=False):
-        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        out = model(
-            ids,
-            shift_labels=labels,
-            num_recurrences=r if model.config.is_recurrent else None,
-            generator=generator,
-            return_logits=False,
-        )
-        n = int((labels != -100).sum())
-        total += float(out.loss) * n
-        tokens += n
-    if tokens == 0:
-        raise ValueError(f"no validation tokens in {data}")
-    return {
-        "metrics": {"loss": total / tokens},
-        "mean_passes": r if model.config.is_recurrent else 0,
-        "tokens": int(tokens),
-    }
 
 
 def markdown_table(results: dict) -> str:
@@ -202,6 +75,16 @@ def _labels(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    return EvalSettings(**{f.name: getattr(args, f.name) for f in fields(EvalSettings)})
+
+
+def _print_run(entry: dict, run: dict) -> None:
+    r = "static" if entry["static"] else run["recurrences"]
+    shown = ", ".join(f"{m}={v:.4f}" for m, v in run["metrics"].items())
+    print(f"{entry['label']}  r={r}  mean passes {run['mean_passes']:.2f}  {shown}", flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     recurrences = parse_recurrences(args.recurrences)
     if args.batch_size < 1:
@@ -219,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
             args.data, args.limit, args.fewshot, args.fewshot_data, lm_eval_version=args.lm_eval_version
         )
         metrics = task.metrics
-    dtype = getattr(torch, args.dtype)
+    settings = settings_from_args(args)
     results = {
         "task": args.task,
         "data": str(args.data),
@@ -231,32 +114,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": platform.platform(),
     }
     for path, label in zip(args.model, _labels(args.model)):
-        model = load_model(path, args.state_init, args.device, dtype)
-        tokenizer = load_tokenizer(path, args.add_bos, model.config) if task is not None else None
-        static = not model.config.is_recurrent
-        entry = {"model": str(path), "label": label, "static": static, "runs": []}
-        for r in recurrences[:1] if static else recurrences:
-            start = time.perf_counter()
-            if task is None:
-                run_result = eval_loss(model, args.data, r, args, label)
-            else:
-                run_result = eval_generation(model, tokenizer, task, r, args, label)
-            n = run_result.get("tokens", len(run_result.get("examples", [])))
-            entry["runs"].append(
-                {
-                    "recurrences": None if static else r,
-                    "n": n,
-                    "seconds": round(time.perf_counter() - start, 3),
-                    **run_result,
-                }
-            )
-            shown = ", ".join(f"{m}={v:.4f}" for m, v in run_result["metrics"].items())
-            print(
-                f"{label}  r={'static' if static else r}  mean passes {run_result['mean_passes']:.2f}  {shown}",
-                flush=True,
-            )
-        results["models"].append(entry)
-        del model
+        results["models"].append(evaluate_model(path, label, task, args.data, recurrences, settings, _print_run))
     return results
 
 
@@ -338,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024, help="--task loss: tokens per row")
     p.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
+        default=default_device(),
         help="torch device the models run on (default: cuda when available, else cpu)",
     )
     p.add_argument(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from retro.eval import load_model, load_tokenizer
+from retro.inference.loading import load_model, load_tokenizer
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The demo's stages, in order: task -> prepare -> pretrain -> convert -> retrofit -> static -> export -> eval.
 
 Each stage calls the project's public entry point (retro.data.prepare, retro.convert, retro.train
-under torch.distributed.run, retro.export, retro.eval.load_model), so the demo exercises the same
+under torch.distributed.run, retro.export, retro.inference.loading.load_model), so the demo exercises the same
 code a user runs on a real model. Training runs are subprocesses; their logs go to OUT/logs and
 their progress is read from the metrics.jsonl each run writes.
 """

@@ -74,3 +74,10 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         if value.device.type != "cuda":
             value /= dist.get_world_size()
     return value
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place; a no-op in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value

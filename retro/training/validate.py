@@ -6,27 +6,20 @@ from collections.abc import Iterable
 
 import torch
 
-from retro.distributed.setup import all_reduce_mean
+from retro.distributed.setup import all_reduce_sum
+from retro.inference.validation_loss import token_weighted_loss
 from retro.training.recurrence import state_generator
 
 
 @torch.no_grad()
 def validation_losses(model, batches: Iterable[dict], recurrences: list[int], device: torch.device) -> dict[str, float]:
-    """{"val_loss_r<r>": mean loss over every rank's batches} for each test recurrence r."""
+    """{"val_loss_r<r>": loss per predicted token over every rank's batches} for each test recurrence r."""
     model.eval()
     out = {}
     for r in recurrences:
-        total = torch.zeros(2, device=device)
-        for i, batch in enumerate(batches):
-            loss = model(
-                batch["input_ids"].to(device),
-                shift_labels=batch["labels"].to(device),
-                num_recurrences=r,
-                return_logits=False,
-                generator=state_generator(0, 0, i, 0, device),
-            ).loss
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
-        all_reduce_mean(total)
-        out[f"val_loss_r{r}"] = (total[0] / total[1].clamp(min=1)).item()
+        result = token_weighted_loss(
+            model, batches, r, lambda i: state_generator(0, 0, i, 0, device), device, reduce=all_reduce_sum
+        )
+        out[f"val_loss_r{r}"] = result.loss
     model.train()
     return out

@@ -80,7 +80,7 @@ def test_lm_eval_retro_model_uses_the_chosen_recurrence(tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from retro.lm_eval_model import RetroLM
+    from retro.inference.lm_eval_adapter import RetroLM
 
     ckpt = tiny_models(tmp_path)["recurrent"]
     write_tasks(tmp_path)
@@ -122,7 +122,7 @@ def test_lm_eval_retro_model_uses_the_chosen_recurrence(tmp_path):
 
 
 def test_lm_eval_rejects_bad_recurrences(tmp_path):
-    from retro.lm_eval_model import RetroLM
+    from retro.inference.lm_eval_adapter import RetroLM
 
     with pytest.raises(ValueError, match="recurrences must be >= 1"):
         RetroLM(pretrained=str(tmp_path), recurrences=0)
@@ -206,7 +206,7 @@ def test_shipped_task_folder_is_found_by_default():
     """`python -m retro.lm_eval_model --tasks gsm8k_cot_sean ...` works without --include_path."""
     from lm_eval.tasks import TaskManager
 
-    from retro.lm_eval_model import with_default_include_path
+    from retro.inference.lm_eval_adapter import with_default_include_path
 
     argv = ["--model", "retro", "--tasks", "gsm8k_cot_sean"]
     assert with_default_include_path(argv) == [*argv, "--include_path", str(LM_EVAL_TASKS_DIR)]

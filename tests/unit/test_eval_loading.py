@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from retro.demo.evaluate import evaluate_checkpoint
 from retro.demo.tokenizer import build_tokenizer
-from retro.eval import load_model, load_tokenizer
+from retro.inference.loading import load_model, load_tokenizer
 
 
 class _Collect(logging.Handler):

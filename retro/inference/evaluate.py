@@ -1,0 +1,168 @@
+"""Task accuracy and validation loss of one retro checkpoint at several test recurrences (what `retro.eval` runs).
+
+`EvalSettings` holds the knobs (the CLI's defaults); `evaluate_model` loads a checkpoint and runs it at each r:
+`eval_generation` for a task (GSM8K, MATH), `eval_loss` for prepared token shards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from retro.inference.generate import GenerationSettings, generate_text
+from retro.inference.loading import load_model, load_tokenizer
+from retro.inference.task_base import Task
+from retro.inference.validation_loss import token_weighted_loss
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a checkpoint is loaded and run; the defaults are `python -m retro.eval`'s (the paper's lm-eval settings)."""
+
+    batch_size: int = 8  # prompts generated together, left-padded (loss: rows of seq_len tokens per forward)
+    max_new_tokens: int = 256  # generation budget (lm-eval's max_gen_toks)
+    max_length: int = 1024  # prompt + generation budget: prompts keep their last max_length - max_new_tokens; 0 = all
+    add_bos: bool = True  # start every prompt with BOS (lm-eval's add_bos_token=True)
+    adaptive_exit: float | None = None  # per-token KL exit threshold
+    share_kv_cache: bool = False  # keep only the last pass's block K/V
+    state_init: str | None = None  # override the checkpoint's s0 init
+    seed: int = 0  # seed of s0 draws (and sampling)
+    seq_len: int = 1024  # loss: tokens per row
+    limit: int | None = None  # loss: first N batches (a task takes its own limit of problems)
+    device: str = field(default_factory=default_device)
+    dtype: str = "float32"  # float32, bfloat16 or float16
+
+
+def stop_strings(task: Task, tokenizer) -> tuple[str, ...]:
+    """The task's stop strings plus the tokenizer's EOS text, as lm-eval adds it to `until`."""
+    eos = tokenizer.eos_token
+    return task.stop_strings + ((eos,) if eos and eos not in task.stop_strings else ())
+
+
+def eval_generation(model, tokenizer, task: Task, r: int, settings: EvalSettings, label: str) -> dict:
+    """The task's metrics at r over its examples, with a per-example record (prompt, completion, scores)."""
+    generation = GenerationSettings(
+        max_new_tokens=settings.max_new_tokens,
+        num_recurrences=r,
+        share_block_cache=settings.share_kv_cache,
+        adaptive_exit=settings.adaptive_exit,
+        seed=settings.seed,
+    )
+    stops = stop_strings(task, tokenizer)
+    examples = task.examples
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))  # less padding per batch
+    records: list[dict | None] = [None] * len(examples)
+    passes_sum = tokens_sum = 0.0
+    batch_size = settings.batch_size
+    for start in tqdm(range(0, len(order), batch_size), desc=f"{label} r={r}", unit="batch", leave=False):
+        idx = order[start : start + batch_size]
+        completions = generate_text(
+            model,
+            tokenizer,
+            [examples[i].prompt for i in idx],
+            generation,
+            stops,
+            settings.add_bos,
+            settings.max_length or None,
+        )
+        for i, c in zip(idx, completions):
+            records[i] = {
+                "index": i,
+                "prompt": examples[i].prompt,
+                "prompt_tokens": c.prompt_tokens,
+                "truncated": c.truncated,
+                "reference": examples[i].reference,
+                **({"subject": examples[i].doc["subject"]} if "subject" in examples[i].doc else {}),
+                "completion": c.text,
+                "tokens": c.num_tokens,
+                "mean_passes": c.mean_passes,
+                **task.score(c.text, examples[i]),
+            }
+            passes_sum += c.mean_passes * c.num_tokens
+            tokens_sum += c.num_tokens
+    mean_passes = passes_sum / tokens_sum if tokens_sum else float(r)
+    result = {"metrics": _means(records, task.metrics), "mean_passes": mean_passes if model.config.is_recurrent else 0}
+    subjects = sorted({rec["subject"] for rec in records if "subject" in rec})
+    if len(subjects) > 1:  # e.g. the 7 MATH subjects; "metrics" is their size-weighted mean, as lm-eval's group
+        result["subjects"] = {
+            s: {
+                "n": sum(rec.get("subject") == s for rec in records),
+                **_means([rec for rec in records if rec.get("subject") == s], task.metrics),
+            }
+            for s in subjects
+        }
+    result["examples"] = records
+    return result
+
+
+def _means(records: list[dict], metrics) -> dict[str, float]:
+    return {m: sum(bool(rec[m]) for rec in records) / len(records) for m in metrics}
+
+
+def eval_loss(model, data: str | Path, r: int, settings: EvalSettings, label: str) -> dict:
+    """Token-weighted mean cross entropy over the validation batches of prepared shards."""
+    from retro.data.loader import build_val_batches
+    from retro.data.shards import check_tokenizer_matches
+
+    check_tokenizer_matches(data, model.config.vocab_size)  # ids beyond the model's vocabulary fail here
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device).manual_seed(settings.seed)  # one stream of s0 draws over all batches
+    batches = build_val_batches(data, settings.seq_len, settings.batch_size, 0, 1, settings.limit)
+    result = token_weighted_loss(
+        model,
+        tqdm(batches, desc=f"{label} r={r}", unit="batch", leave=False),
+        r if model.config.is_recurrent else None,
+        lambda i: generator,
+        device,
+    )
+    if result.tokens == 0:
+        raise ValueError(f"no validation tokens in {data}")
+    return {
+        "metrics": {"loss": result.loss},
+        "mean_passes": r if model.config.is_recurrent else 0,
+        "tokens": result.tokens,
+    }
+
+
+def evaluate_model(
+    path: str | Path,
+    label: str,
+    task: Task | None,
+    data: str | Path,
+    recurrences: list[int],
+    settings: EvalSettings,
+    on_run: Callable[[dict, dict], None] | None = None,
+) -> dict:
+    """{"model", "label", "static", "runs"} of the checkpoint at `path`: one run per r in `recurrences` (a static
+    model runs once, at the first), on `task`, or the validation loss of the shards in `data` when task is None.
+    `on_run(entry, run)` is called after each run."""
+    model = load_model(path, settings.state_init, settings.device, getattr(torch, settings.dtype))
+    tokenizer = load_tokenizer(path, settings.add_bos, model.config) if task is not None else None
+    static = not model.config.is_recurrent
+    entry = {"model": str(path), "label": label, "static": static, "runs": []}
+    for r in recurrences[:1] if static else recurrences:
+        start = time.perf_counter()
+        if task is None:
+            run_result = eval_loss(model, data, r, settings, label)
+        else:
+            run_result = eval_generation(model, tokenizer, task, r, settings, label)
+        n = run_result.get("tokens", len(run_result.get("examples", [])))
+        run = {
+            "recurrences": None if static else r,
+            "n": n,
+            "seconds": round(time.perf_counter() - start, 3),
+            **run_result,
+        }
+        entry["runs"].append(run)
+        if on_run is not None:
+            on_run(entry, run)
+    return entry
