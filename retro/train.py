@@ -3,8 +3,9 @@
 FSDP2 post-training of a retrofitted recurrent model (retro/training/trainer.py): per-step
 recurrence sampling (same on every rank, keyed by the step), truncated backprop, gradient
 accumulation, clipping, LR schedule, metrics, validation at several test recurrences, DCP
-checkpoints, signal-safe exits. Exit codes: 0 done, 2 bad config or input, 3 too many non-finite
-steps, 85 checkpointed after SIGTERM/SIGUSR1 (requeue).
+checkpoints, signal-safe exits. While it runs, train.out_dir is locked (OUT/.retro-lock): a second run
+into it exits 2. Exit codes: 0 done, 2 bad config or input (or out_dir held by a live run), 3 too many
+non-finite steps, 85 checkpointed after SIGTERM/SIGUSR1 (requeue).
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
 from retro.distributed.setup import init_distributed
+from retro.training.checkpoint import check_fresh_start
 from retro.training.errors import ConfigError, TrainingError
 from retro.training.job_config import load_config, split_cli_overrides
 from retro.training.model_source import load_model_config
 from retro.training.preflight import check_data
+from retro.training.run_lock import hold_run_dir
 from retro.training.trainer import Trainer
 
 
@@ -30,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="TOML config (configs/*.toml)")
     parser.add_argument("--resume", help="auto | none | a checkpoint directory (same as --checkpoint.resume)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume none: start over in a train.out_dir that holds checkpoints of an earlier run "
+        "(refused without it); prints what happens to them",
+    )
     return parser
 
 
@@ -46,11 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model_config = load_model_config(job.model)
             check_data(job, model_config, info.world_size)  # before any weight is read
-            trainer = Trainer(job, info, model_config)
-            try:
-                return trainer.fit()
-            finally:
-                trainer.close()
+            out_dir, ckpt = Path(job.train.out_dir), job.checkpoint
+
+            def fresh_start() -> None:
+                check_fresh_start(out_dir, ckpt.resume, ckpt.keep_last, args.force)
+
+            with hold_run_dir(out_dir, info, ckpt.lock_stale_s, fresh_start):  # before anything in it is touched
+                trainer = Trainer(job, info, model_config)
+                try:
+                    return trainer.fit()
+                finally:
+                    trainer.close()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

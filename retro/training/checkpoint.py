@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from retro.data.loader import sampler_state_of
 from retro.data.mixture import reshard_states
+from retro.training.errors import ConfigError
 
 MARKER = "COMPLETE"
 
@@ -44,10 +45,13 @@ class CheckpointSettings:
     every: int = 0  # steps between checkpoints; 0 = only at the end and on signals
     keep_last: int = 2
     resume: str = "auto"  # auto: newest complete checkpoint in out_dir if any | none | a checkpoint path
+    lock_stale_s: int = 600  # a lock from another host whose heartbeat is older is stale (retro/training/run_lock.py)
 
     def validate(self) -> None:
         if self.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        if self.lock_stale_s < 120:  # the holder refreshes its heartbeat every 30 s; shared filesystems lag
+            raise ValueError(f"checkpoint.lock_stale_s must be >= 120 (seconds), got {self.lock_stale_s}")
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:
@@ -102,6 +106,28 @@ def find_resume(out_dir: Path, resume: str, warn=print) -> Path | None:
     if problem is not None:
         raise FileNotFoundError(f"checkpoint.resume = {resume}: the checkpoint is damaged ({problem})")
     return path
+
+
+def check_fresh_start(out_dir: Path, resume: str, keep_last: int, force: bool, say=print) -> None:
+    """`resume = none` into a directory holding complete checkpoints: refused (ConfigError) unless `force`.
+
+    Starting over there mixes two runs: metrics.jsonl gets both, and pruning by step number may keep
+    the old run's checkpoints over the new one's, which a later `auto` resume or export would pick.
+    """
+    done = complete_checkpoints(out_dir) if resume == "none" else []
+    if not done:
+        return
+    held = f"{len(done)} complete checkpoint(s) of an earlier run ({done[0].name} ... {done[-1].name})"
+    if not force:
+        raise ConfigError(
+            f"checkpoint.resume = none, but {out_dir} holds {held}: resume them (--resume auto), "
+            "choose another train.out_dir, or pass --force to start over in this one"
+        )
+    say(
+        f"retro.train: --force: starting over in {out_dir}, which holds {held}; they are not resumed, "
+        f"a save at the same step replaces one, checkpoint.keep_last = {keep_last} prunes old and new together "
+        "by step number (the highest steps are kept), and metrics.jsonl keeps the old lines, this run's appended"
+    )
 
 
 def prune(out_dir: Path, keep_last: int) -> None:

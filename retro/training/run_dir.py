@@ -3,7 +3,8 @@
 `OUT/config.json` (the resolved job config), `OUT/model_config/` (the model's config, for export) and
 `OUT/metrics.jsonl` (one JSON line per logged step; TensorBoard scalars beside it when enabled).
 Rank 0 prepares it once the resume point is known, so a resumed run drops the records of the steps
-it is about to re-run.
+it is about to re-run. retro.train holds the directory's lock (run_lock.py) before any of this, so
+only one live run ever writes here.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ metrics log after a resume.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -134,3 +136,43 @@ def test_bad_values_are_one_clear_line(assets, tmp_path):
         [sys.executable, "-m", "retro.plan", "--preset", "tinyllama-484", "--gpus", "3"], capture_output=True, text=True
     )
     assert plan.returncode == 2 and "train.global_batch" in plan.stderr and "Traceback" not in plan.stderr
+
+
+def test_a_run_directory_belongs_to_one_run(assets, tmp_path):
+    """Before: a second run into a live run's directory, or `--resume none` into a used one, rewrote
+    config.json, appended to metrics.jsonl and pruned checkpoints. Now: both exit 2 with one line and
+    leave every byte as it was; a stale lock is taken over with a note; `--force` starts over, and
+    the lock is gone after each run."""
+    model, data = assets
+    out = tmp_path / "run"
+    extra = {"train.steps": 4}
+    run_train(base_overrides(model, data, out, **extra))
+    assert not (out / ".retro-lock").exists()  # released after a normal run
+
+    def snapshot() -> dict[str, bytes]:
+        files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != ".retro-lock")
+        return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+    host = socket.gethostname()
+    live = {"token": "t", "pid": os.getpid(), "host": host, "started": 1_700_000_000.0}
+    (out / ".retro-lock").write_text(json.dumps(live))  # this test's process: a live holder
+    before = snapshot()
+    result = run_train(base_overrides(model, data, out, **{"train.steps": 6}), check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("retro.train: error:")]
+    assert f"pid {os.getpid()} on host {host}, started 2023-11-14 22:13:20 UTC" in line
+    assert snapshot() == before
+
+    (out / ".retro-lock").unlink()
+    result = run_train(base_overrides(model, data, out, **extra) + ["--resume", "none"], check=False)
+    assert result.returncode == 2 and f"{out} holds 1 complete checkpoint(s)" in result.stderr, result.stderr[-3000:]
+    assert snapshot() == before and not (out / ".retro-lock").exists()  # released after an error
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (out / ".retro-lock").write_text(json.dumps({**live, "pid": gone.pid}))
+    result = run_train(base_overrides(model, data, out, **extra) + ["--resume", "none", "--force"])
+    assert f"taking over the stale lock {out / '.retro-lock'} of pid {gone.pid}" in result.stdout
+    assert "--force: starting over" in result.stdout and "not resumed" in result.stdout
+    assert not (out / ".retro-lock").exists()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 1, 2, 3, 4]  # as the --force note says
