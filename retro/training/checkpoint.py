@@ -46,6 +46,11 @@ class CheckpointSettings:
     resume: str = "auto"  # auto: newest complete checkpoint in out_dir if any | none | a checkpoint path
 
     def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(
+                f"checkpoint.every must be >= 0 (steps between checkpoints; 0 = only at the end and on signals), "
+                f"got {self.every}"
+            )
         if self.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
 
