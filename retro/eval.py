@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import shlex
+import shutil
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from retro.inference.evaluate import EvalSettings, default_device, evaluate_model
+from retro.inference.evaluate import EvalSettings, check_loss_data, default_device, evaluate_model
 from retro.inference.task_base import LM_EVAL_VERSIONS
 from retro.inference.tasks import TASKS
 from retro.model.config import STATE_INITS
@@ -93,9 +97,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_length and args.task != "loss" and args.max_length <= args.max_new_tokens:
         raise ValueError(f"--max-length {args.max_length} must exceed --max-new-tokens {args.max_new_tokens}")
+    if args.adaptive_exit is not None and not (math.isfinite(args.adaptive_exit) and args.adaptive_exit >= 0):
+        raise ValueError(f"--adaptive-exit must be a finite KL threshold >= 0, got {args.adaptive_exit}")
     if args.task == "loss":
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"--task loss needs a directory of prepared shards; {args.data} is not a directory")
+        for path in args.model:
+            check_loss_data(path, args.data)  # before any weight is read
         task, metrics = None, ("loss",)
     else:
         task = TASKS[args.task](
@@ -108,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         "data": str(args.data),
         "metrics": list(metrics),
         "models": [],
-        "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out", "argv")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out", "force", "argv")},
         "command": "python -m retro.eval " + " ".join(shlex.quote(a) for a in args.argv),
         "torch": torch.__version__,
         "machine": platform.platform(),
@@ -118,19 +126,49 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def check_out(out_dir: Path, force: bool) -> None:
+    """--out must be a new or empty directory, or --force must say its results may be replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(
+            f"--out {out_dir} is not empty; pass --force to replace its results.json, results.md and plot, "
+            "or choose another --out"
+        )
+
+
 def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
+    """results.json, results.md and <task>.png, written whole into a temporary sibling directory first, then
+    moved into `out_dir` (the whole directory renamed when `out_dir` is new or empty): a crash while writing
+    leaves `out_dir` as it was."""
     from retro.inference.plots import plot_results
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out_dir / "results.json",
-        "markdown": out_dir / "results.md",
-        "plot": out_dir / f"{results['task']}.png",
-    }
-    paths["json"].write_text(json.dumps(results, indent=2))
-    paths["markdown"].write_text(markdown_table(results))
-    plot_results(results, paths["plot"])
-    return paths
+    names = {"json": "results.json", "markdown": "results.md", "plot": f"{results['task']}.png"}
+    out_dir = Path(os.path.abspath(out_dir))  # "." and "a/.." have a name and a parent to stage beside
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        (staging / names["json"]).write_text(json.dumps(results, indent=2))
+        (staging / names["markdown"]).write_text(markdown_table(results))
+        plot_results(results, staging / names["plot"])
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would have made
+        fresh = not os.path.lexists(out_dir) or (
+            out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir())
+        )
+        if fresh:
+            os.replace(staging, out_dir)  # one rename: all of the results or none
+        else:  # --force onto earlier results: each file replaced by a rename, results.json last
+            for name in (names["markdown"], names["plot"], names["json"]):
+                os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {key: out_dir / name for key, name in names.items()}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,8 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default="eval_out",
-        help="directory for results.json, results.md and <task>.png, created if missing; files there are replaced "
-        "(default: eval_out)",
+        help="directory for results.json, results.md and <task>.png, created if missing; it must be new or empty "
+        "unless --force (default: eval_out)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out, replacing its results.json, results.md and <task>.png (other files "
+        "there are kept); the results are written whole to a temporary sibling directory first, then moved in",
     )
     return p
 
@@ -219,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
     try:
+        check_out(Path(args.out), args.force)
         results = run(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"retro.eval: error: {error}", file=sys.stderr)
         return 2
     paths = write_outputs(results, Path(args.out))

@@ -32,6 +32,15 @@ def word_tokenizer(directory: Path, num_words: int, chat: bool = False) -> Path:
     return directory
 
 
+def reversed_word_tokenizer(directory: Path, num_words: int) -> Path:
+    """word_tokenizer's vocabulary size and words with the word ids reversed: another tokenizer of the same size."""
+    vocab = {"[UNK]": 0, "[EOS]": 1} | {f"w{i}": num_words + 1 - i for i in range(num_words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(str(directory))
+    return directory
+
+
 def random_docs(n: int, num_words: int, seed: int = 0, min_len: int = 1, max_len: int = 40, low: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [

@@ -267,7 +267,7 @@ def eval_command(
 ) -> list[str]:
     """retro.eval of `models` at test recurrences `recurrences` ("1,4"); task "loss" needs kw limit (batches)."""
     cmd = [*PY, "-m", "retro.eval", "--task", task, "--data", str(data), "--recurrences", recurrences]
-    cmd += ["--dtype", settings.eval_dtype, "--out", str(out)]
+    cmd += ["--dtype", settings.eval_dtype, "--out", str(out), "--force"]  # a re-run stage replaces its results
     for m in models:
         cmd += ["--model", str(m)]
     if task == "loss":

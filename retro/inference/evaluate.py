@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from retro.data.manifest import ShardFormatError
 from retro.inference.generate import GenerationSettings, generate_text
 from retro.inference.loading import load_model, load_tokenizer
 from retro.inference.task_base import Task
 from retro.inference.validation_loss import token_weighted_loss
+from retro.model.config import RetroConfig
 
 
 def default_device() -> str:
@@ -131,6 +133,31 @@ def eval_loss(model, data: str | Path, r: int, settings: EvalSettings, label: st
         "mean_passes": r if model.config.is_recurrent else 0,
         "tokens": result.tokens,
     }
+
+
+def check_loss_data(path: str | Path, data: str | Path) -> None:
+    """Before any weight is read: the shards in `data` were tokenized with the tokenizer of the model at `path`
+    (the same vocabulary hash, as retro.train checks) and their ids fit its vocabulary."""
+    import json
+
+    from retro.data.shards import check_tokenizer_matches
+    from retro.training.preflight import tokenizer_dir
+
+    config = Path(path) / "config.json"
+    fields = json.loads(config.read_text()) if config.is_file() else {}
+    if fields.get("model_type") != "retro" or "vocab_size" not in fields:
+        return  # not a retro checkpoint: load_model names what is wrong
+    check_tokenizer_matches(data, int(fields["vocab_size"]))
+    directory = tokenizer_dir(path)
+    if directory is not None:
+        try:
+            tokenizer = load_tokenizer(directory, add_bos=False, config=RetroConfig.from_pretrained(path))
+            check_tokenizer_matches(data, tokenizer)
+        except ShardFormatError as error:
+            raise ShardFormatError(
+                f"{error}. The model directory {directory} holds the tokenizer it was converted with; re-run "
+                "retro.data.prepare with it"
+            ) from None
 
 
 def evaluate_model(

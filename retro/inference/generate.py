@@ -17,6 +17,7 @@ discarded, so batched and one-by-one decoding agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -131,8 +132,8 @@ class GenerationSettings:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.adaptive_exit is not None and self.adaptive_exit < 0:
-            raise ValueError(f"adaptive_exit threshold must be >= 0, got {self.adaptive_exit}")
+        if self.adaptive_exit is not None and not (math.isfinite(self.adaptive_exit) and self.adaptive_exit >= 0):
+            raise ValueError(f"adaptive_exit threshold must be a finite number >= 0, got {self.adaptive_exit}")
 
 
 @dataclass

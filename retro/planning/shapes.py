@@ -65,6 +65,14 @@ def model_shape(job: JobConfig, config_json: str | None = None, preset: str | No
             f"no model config at {path}: set model.path to a retro.convert directory, or pass "
             f"--model-config FILE.json or --preset {{{','.join(PRESETS)}}}"
         )
-    return RetroConfig(
-        **{k: v for k, v in json.loads(path.read_text()).items() if k not in ("architectures", "model_type")}
-    )
+    try:
+        fields = json.loads(path.read_text())
+    except ValueError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(fields, dict) or fields.get("model_type") != "retro":
+        found = fields.get("model_type") if isinstance(fields, dict) else type(fields).__name__
+        raise ConfigError(
+            f"{path} has model_type {found!r}, not 'retro': give the config.json of a retro.convert or retro.export "
+            "directory, or --preset"
+        )
+    return RetroConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})

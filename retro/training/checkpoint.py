@@ -48,6 +48,11 @@ class CheckpointSettings:
     lock_stale_s: int = 600  # a lock from another host whose heartbeat is older is stale (retro/training/run_lock.py)
 
     def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(
+                f"checkpoint.every must be >= 0 (steps between checkpoints; 0 = only at the end and on signals), "
+                f"got {self.every}"
+            )
         if self.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
         if self.lock_stale_s < 120:  # the holder refreshes its heartbeat every 30 s; shared filesystems lag

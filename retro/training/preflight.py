@@ -1,5 +1,6 @@
 """Start-up checks of a run, before any weight is read or any step is taken: the data, its tokenizer,
-the batch arithmetic, the teacher; and what a resume on another number of ranks changes.
+the batch arithmetic, the sequence length, the teacher, the run directory apart from all of these; and
+what a resume on another number of ranks changes.
 
 Each failure is a ConfigError naming the key or file (exit 2), so a wrong input costs seconds, not hours.
 """
@@ -21,14 +22,17 @@ def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int
     """Data/tokenizer/batch checks that must fail before any training starts (train and val sources)."""
     if not job.data.train:
         raise ConfigError("data.train is empty: give prepared shard directories (python -m retro.data.prepare)")
+    check_out_dir(job)
     per_step = job.train.micro_batch * world_size
     if job.train.global_batch % per_step:
         raise ConfigError(
             f"train.global_batch = {job.train.global_batch} is not divisible by train.micro_batch x ranks "
             f"= {job.train.micro_batch} x {world_size}"
         )
+    check_positions(job.data.seq_len, model_config, f"the model's ({job.model.path})")
     if job.distill.enabled:
-        check_teacher(job.distill, model_config)  # exists, same vocabulary: before any weight is read
+        teacher = check_teacher(job.distill, model_config)  # exists, same vocabulary: before any weight is read
+        check_positions(job.data.seq_len, teacher, f"the teacher's ({job.distill.teacher})")
     sources = [(source, "train") for source in job.data.train] + ([(job.data.val, "val")] if job.data.val else [])
     named = [(job.model.path, "model")] + ([(job.distill.teacher, "teacher")] if job.distill.enabled else [])
     tokenizer_dirs = [(tokenizer_dir(path), whose) for path, whose in named if tokenizer_dir(path) is not None]
@@ -44,6 +48,38 @@ def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int
                     "re-run retro.data.prepare with it, or set data.allow_tokenizer_mismatch = true if the two "
                     "tokenizers are known to agree"
                 ) from None
+
+
+def check_positions(seq_len: int, config: RetroConfig, whose: str) -> None:
+    """data.seq_len must fit the positions the model was built for (`max_position_embeddings` of its config)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise ConfigError(
+            f"data.seq_len = {seq_len} exceeds {whose} max_position_embeddings = {limit}; use a data.seq_len <= {limit}"
+        )
+
+
+def check_out_dir(job: JobConfig) -> None:
+    """train.out_dir may not be, contain or sit inside an input: the model, a data source or the teacher.
+
+    A run writes config.json, model_config/, metrics.jsonl and checkpoints/ there, which would replace or
+    mix with the input's own files (e.g. the converted model's config.json).
+    """
+    out = Path(job.train.out_dir).resolve()
+    inputs = [("model.path", job.model.path)]
+    inputs += [("data.train", source) for source in job.data.train]
+    inputs += [("data.val", job.data.val)] if job.data.val else []
+    inputs += [("distill.teacher", job.distill.teacher)] if job.distill.enabled else []
+    for key, path in inputs:
+        if not str(path):
+            continue
+        other = Path(path).resolve()
+        if out == other or out.is_relative_to(other) or other.is_relative_to(out):
+            how = "is" if out == other else ("sits inside" if out.is_relative_to(other) else "contains")
+            raise ConfigError(
+                f"train.out_dir = {job.train.out_dir} ({out}) {how} {key} = {path} ({other}): a run directory "
+                "must be apart from its inputs; choose another train.out_dir"
+            )
 
 
 def tokenizer_dir(path: str | Path) -> Path | None:

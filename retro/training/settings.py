@@ -29,5 +29,9 @@ class TrainSettings:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if not self.grad_clip > 0:
             raise ValueError(f"train.grad_clip must be > 0 (the max gradient norm), got {self.grad_clip}")
+        if not self.val_recurrences:
+            raise ValueError(
+                f"train.val_recurrences must list a test recurrence or more (e.g. [1, 4]), got {self.val_recurrences}"
+            )
         if any(v < 1 for v in self.val_recurrences):
             raise ValueError(f"train.val_recurrences must be positive, got {self.val_recurrences}")

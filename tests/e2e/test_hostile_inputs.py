@@ -18,13 +18,15 @@ import warnings
 from pathlib import Path
 
 import pytest
-from data_helpers import random_docs, word_tokenizer, write_jsonl
+from data_helpers import prepare_dir, random_docs, reversed_word_tokenizer, word_tokenizer, write_jsonl
 from tiny import save_source
 
 from retro.convert import main as convert_main
 from retro.data.manifest import MANIFEST_NAME
 from retro.data.prepare import main as prepare_main
+from retro.eval import main as eval_main
 from retro.export import main as export_main
+from retro.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_WORDS = 95  # + [UNK], [EOS] = 97 = the tiny source model's vocabulary
@@ -358,6 +360,137 @@ def test_export_force_replaces_only_its_output(work, capsys):
     assert not (out / "stale.bin").exists() and (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert snapshot(work, skip=out) == before
     capsys.readouterr()
+
+
+# --- retro.train: start-up checks (refused before any weight is read or file written) -----------------
+def train_args(work: Path, *extra: str) -> list[str]:
+    """The converted model, a data source that is never opened (the checks come first), a fresh out_dir."""
+    return [
+        f"--model.path={work / 'model'}",
+        f"--data.train={work / 'data'}",
+        f"--train.out_dir={work / 'out'}",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "where, how, key",
+    [("model", "is", "model.path"), ("model/run", "sits inside", "model.path"), (".", "contains", "model.path")],
+)
+def test_train_out_dir_overlapping_the_model_is_refused(work, capsys, where, how, key):
+    """Used to replace the converted model's config.json with the job config and exit 0."""
+    out = work / where
+    line = refused(train_main, train_args(work, f"--train.out_dir={out}"), capsys, "retro.train", work)
+    assert line.startswith(f"retro.train: error: train.out_dir = {out} ") and f" {how} {key} = {work / 'model'}" in line
+
+
+def test_train_out_dir_inside_a_data_source_is_refused(work, capsys):
+    (work / "data").mkdir()
+    out = work / "data" / "run"
+    line = refused(train_main, train_args(work, f"--train.out_dir={out}"), capsys, "retro.train", work)
+    assert f"sits inside data.train = {work / 'data'}" in line
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--data.seq_len=129", "data.seq_len = 129 exceeds the model's ({model}) max_position_embeddings = 128"),
+        ("--train.val_recurrences=[]", "train.val_recurrences must list a test recurrence or more"),
+        ("--checkpoint.every=-1", "checkpoint.every must be >= 0"),
+    ],
+)
+def test_train_start_up_values_are_refused(work, capsys, override, expected):
+    """Each used to be accepted: a seq_len past the model's positions, no validation recurrence at all, and
+    checkpoint.every = -1, which checkpointed every step."""
+    line = refused(train_main, train_args(work, override), capsys, "retro.train", work)
+    assert expected.format(model=work / "model") in line
+
+
+# --- retro.eval -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(assets, tmp_path_factory) -> dict[str, Path]:
+    """Prepared shards of the assets' corpus: own (the model's tokenizer), other (another tokenizer of the same
+    size) and bigger (a larger vocabulary than the model's)."""
+    root = tmp_path_factory.mktemp("shards")
+    corpus, val = assets / "corpus.jsonl", ("--val-fraction", "0.5")
+    wide = write_jsonl(root / "wide.jsonl", random_docs(40, NUM_WORDS + 50, seed=2))
+    return {
+        "own": prepare_dir(root / "own", [corpus], assets / "tok", *val),
+        "other": prepare_dir(root / "other", [corpus], reversed_word_tokenizer(root / "other_tok", NUM_WORDS), *val),
+        "bigger": prepare_dir(root / "bigger", [wide], word_tokenizer(root / "big_tok", NUM_WORDS + 50), *val),
+    }
+
+
+def loss_args(work: Path, data: Path, out: Path, *extra) -> list:
+    return ["--model", work / "model", "--task", "loss", "--data", data, "--recurrences", "1", "--seq-len", "8"] + [
+        *("--batch-size", "2", "--limit", "1", "--out", out, *extra)
+    ]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_eval_adaptive_exit_must_be_a_finite_threshold(work, capsys, value):
+    """--adaptive-exit nan used to be accepted (no token ever exits)."""
+    argv = ["--model", work / "model", "--task", "gsm8k", "--data", work / "corpus.jsonl", "--out", work / "ev"]
+    line = refused(eval_main, [*argv, "--adaptive-exit", value], capsys, "retro.eval", work)
+    assert f"--adaptive-exit must be a finite KL threshold >= 0, got {float(value)}" in line
+
+
+def test_eval_out_with_earlier_results_is_refused(work, capsys, shards):
+    """Used to replace the earlier results without notice; the earlier results.json keeps its bytes."""
+    out = work / "ev"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    line = refused(eval_main, loss_args(work, shards["own"], out), capsys, "retro.eval", work)
+    assert f"--out {out} is not empty" in line and "--force" in line
+
+
+def test_eval_out_is_a_file(work, capsys, shards):
+    (work / "ev").write_text("x")
+    line = refused(eval_main, loss_args(work, shards["own"], work / "ev", "--force"), capsys, "retro.eval", work)
+    assert f"--out {work / 'ev'} is a file" in line
+
+
+def test_eval_force_replaces_the_results_whole_or_not_at_all(work, capsys, shards, monkeypatch):
+    out = work / "ev"
+
+    def leftovers() -> list[str]:
+        return [p.name for p in work.iterdir() if p.name.startswith(".ev.")]
+
+    assert eval_main([str(a) for a in loss_args(work, shards["own"], out)]) == 0  # new: the staging dir renamed
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "results.json", "results.md"] and not leftovers()
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(work)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("retro.inference.plots.plot_results", crash)  # a crash after results.json was written
+    with pytest.raises(OSError, match="disk full"):
+        eval_main([str(a) for a in loss_args(work, shards["own"], out, "--force")])
+    assert snapshot(work) == before and not leftovers()  # the earlier results, whole
+    monkeypatch.undo()
+    assert eval_main([str(a) for a in loss_args(work, shards["own"], out, "--force")]) == 0
+    assert "--force" in json.loads((out / "results.json").read_text())["command"]
+    assert (out / "notes.txt").read_text() == "mine" and not leftovers()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("data", ["other", "bigger"])
+def test_eval_loss_on_shards_of_another_tokenizer_is_refused(work, capsys, shards, monkeypatch, data):
+    """other: the same vocabulary size, another hash (used to report a loss); bigger: ids past the model's
+    vocabulary, now refused before the weights are read (the model's tokenizer files removed, so the
+    vocabulary size is what is checked)."""
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights read before the shards were checked")
+
+    monkeypatch.setattr("retro.inference.evaluate.load_model", no_weights)
+    if data == "bigger":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (work / "model" / name).unlink()
+    line = refused(eval_main, loss_args(work, shards[data], work / "ev"), capsys, "retro.eval", work)
+    assert "data/tokenizer vocab mismatch" in line and str(shards[data]) in line
+    assert (str(work / "model") in line) if data == "other" else ("the model's vocabulary has 97 entries" in line)
 
 
 # --- launchers/local.sh -----------------------------------------------------------------------------

@@ -16,10 +16,8 @@ import subprocess
 import sys
 
 import pytest
-from data_helpers import prepare_dir, random_docs, word_tokenizer, write_jsonl
-from tokenizers import Tokenizer, models, pre_tokenizers
+from data_helpers import prepare_dir, random_docs, reversed_word_tokenizer, word_tokenizer, write_jsonl
 from train_helpers import NUM_WORDS, base_overrides, make_assets, read_metrics, run_train
-from transformers import PreTrainedTokenizerFast
 
 from retro.optim.lr_schedule import lr_multiplier
 from retro.training import checkpoint
@@ -84,18 +82,9 @@ def test_a_changed_learning_rate_applies_on_resume(assets, tmp_path):
             assert m["lr_groups"] == pytest.approx([5e-4 * lr_multiplier(m["step"], **schedule)] * 2)
 
 
-def _same_size_other_tokenizer(directory):
-    """A WordLevel tokenizer with the tiny model's vocabulary size but the word ids reversed."""
-    vocab = {"[UNK]": 0, "[EOS]": 1} | {f"w{i}": NUM_WORDS + 1 - i for i in range(NUM_WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(str(directory))
-    return directory
-
-
 def test_data_from_another_tokenizer_of_the_same_size_is_refused(assets, tmp_path):
     model, _ = assets
-    other = _same_size_other_tokenizer(tmp_path / "other_tok")
+    other = reversed_word_tokenizer(tmp_path / "other_tok", NUM_WORDS)
     corpus = write_jsonl(tmp_path / "c.jsonl", random_docs(200, NUM_WORDS, seed=4, min_len=5, max_len=40))
     data = prepare_dir(tmp_path / "data", [corpus], other, "--val-fraction", "0.1")
     result = run_train(base_overrides(model, data, tmp_path / "run"), check=False)
