@@ -23,6 +23,7 @@ from retro.training.errors import ConfigError, TrainingError
 from retro.training.job_config import load_config, split_cli_overrides
 from retro.training.model_source import load_model_config
 from retro.training.preflight import check_data
+from retro.training.resume_check import check_resume
 from retro.training.run_lock import hold_run_dir
 from retro.training.trainer import Trainer
 
@@ -58,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             check_data(job, model_config, info.world_size)  # before any weight is read
             out_dir, ckpt = Path(job.train.out_dir), job.checkpoint
 
-            def fresh_start() -> None:
+            def run_dir_checks() -> None:  # rank 0, lock held, nothing in out_dir written yet
                 check_fresh_start(out_dir, ckpt.resume, ckpt.keep_last, args.force)
+                check_resume(out_dir, job, model_config)  # what a resume changes: refused or noted
 
-            with hold_run_dir(out_dir, info, ckpt.lock_stale_s, fresh_start):  # before anything in it is touched
+            with hold_run_dir(out_dir, info, ckpt.lock_stale_s, run_dir_checks):  # before anything in it is touched
                 trainer = Trainer(job, info, model_config)
                 try:
                     return trainer.fit()

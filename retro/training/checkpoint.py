@@ -1,7 +1,9 @@
 """Distributed checkpoints (torch.distributed.checkpoint) that are only trusted once complete.
 
 Layout: OUT/checkpoints/step_00000100/ holds the DCP files of model + optimizer (every rank writes
-its shards), `rank_<r>.pt` with that rank's scheduler, data-loader and RNG state, and `COMPLETE`,
+its shards), `rank_<r>.pt` with that rank's scheduler, data-loader and RNG state, `job_config.json`
+(rank 0: the job config and model shape it was written with, compared on resume by resume_check.py),
+and `COMPLETE`,
 written by rank 0 only after every rank has finished, with every file's size. A crash mid-save
 leaves a directory without `COMPLETE`, which resume ignores, so the previous checkpoint stays
 usable; a complete one whose files no longer match the recorded sizes is skipped with a warning.
@@ -157,8 +159,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(out_dir: Path, step: int, model, optimizer, extra: dict[str, Any], rank: int, keep_last: int) -> Path:
-    """Save on every rank; mark complete only after all ranks finished; prune old checkpoints."""
+RECORD = "job_config.json"
+
+
+def save(
+    out_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    extra: dict[str, Any],
+    rank: int,
+    keep_last: int,
+    record: dict[str, Any] | None = None,
+) -> Path:
+    """Save on every rank; mark complete only after all ranks finished; prune old checkpoints.
+
+    `record` (the run's job config and model shape) goes to `job_config.json`, written by rank 0 before
+    `COMPLETE`, so its size is recorded and checked like the other files'."""
     path = checkpoint_dir(out_dir, step)
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a stale incomplete attempt at the same step
@@ -167,6 +184,8 @@ def save(out_dir: Path, step: int, model, optimizer, extra: dict[str, Any], rank
     with _single_process_is_intended():
         dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     torch.save(extra, path / f"rank_{rank}.pt")
+    if rank == 0 and record is not None:
+        (path / RECORD).write_text(json.dumps(record, indent=2))
     _barrier()
     if rank == 0:
         files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
@@ -205,7 +224,7 @@ def load(path: Path, model, optimizer, rank: int, world_size: int) -> dict[str, 
     return reshard_extra(extras, rank, world_size, path)
 
 
-RESHARDABLE = ("step", "scheduler", "loader", "rng")
+RESHARDABLE = ("step", "scheduler", "loader", "rng", "tokens")
 
 
 def reshard_extra(extras: list[dict[str, Any]], rank: int, world_size: int, path: Path) -> dict[str, Any]:
@@ -218,9 +237,9 @@ def reshard_extra(extras: list[dict[str, Any]], rank: int, world_size: int, path
     unknown = sorted(set().union(*extras) - set(RESHARDABLE))
     if unknown:
         raise ValueError(f"{path}: extra state {unknown} cannot be resharded from {len(extras)} to {world_size} ranks")
-    for key in ("step", "scheduler"):
+    for key in ("step", "scheduler", "tokens"):
         for r, extra in enumerate(extras):
-            if extra[key] != extras[0][key]:
+            if extra.get(key) != extras[0].get(key):
                 raise ValueError(
                     f"{path / f'rank_{r}.pt'}: {key} differs from rank_0.pt's; cannot reshard a "
                     "checkpoint whose ranks disagree on it"
@@ -232,6 +251,7 @@ def reshard_extra(extras: list[dict[str, Any]], rank: int, world_size: int, path
     return {
         "step": extras[0]["step"],
         "scheduler": extras[0]["scheduler"],
+        "tokens": extras[0].get("tokens"),
         "rng": extras[rank % len(extras)]["rng"],
         "sampler": plan.states[rank],
         "reshard": plan,
@@ -249,8 +269,16 @@ def load_model_only(path: Path, model) -> None:
 class Checkpointer:
     """The run's checkpoint policy: where to resume from, when to save, and the saving itself."""
 
-    def __init__(self, settings: CheckpointSettings, out_dir: Path, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        settings: CheckpointSettings,
+        out_dir: Path,
+        rank: int,
+        world_size: int,
+        record: dict[str, Any] | None = None,
+    ) -> None:
         self.settings, self.out_dir, self.rank, self.world_size = settings, out_dir, rank, world_size
+        self.record = record  # the run's job config + model shape, saved into each checkpoint
 
     def resume_path(self) -> Path | None:
         warn = (lambda text: print(text, file=sys.stderr, flush=True)) if self.rank == 0 else (lambda text: None)
@@ -261,7 +289,8 @@ class Checkpointer:
         return step == last_step or bool(self.settings.every and step % self.settings.every == 0)
 
     def save(self, step: int, model, optimizer, train_state) -> Path:
-        return save(self.out_dir, step, model, optimizer, train_state.state_dict(), self.rank, self.settings.keep_last)
+        extra = train_state.state_dict()
+        return save(self.out_dir, step, model, optimizer, extra, self.rank, self.settings.keep_last, self.record)
 
     def load(self, path: Path, model, optimizer, train_state) -> None:
         train_state.load_state_dict(load(path, model, optimizer, self.rank, self.world_size))

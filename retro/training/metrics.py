@@ -27,10 +27,19 @@ class StepCost:
     device: torch.device
 
     def record(
-        self, step: int, losses: dict[str, float], grad_norm: float, lrs: list[float], draws: list[Draw], elapsed: float
+        self,
+        step: int,
+        losses: dict[str, float],
+        grad_norm: float,
+        lrs: list[float],
+        draws: list[Draw],
+        elapsed: float,
+        tokens: int | None = None,
     ) -> dict[str, Any]:
         """Optimizer step `step` (1-based) as logged: losses ("loss" and the objective's parts), recurrence,
-        throughput, loop-aware MFU, peak memory; "skipped" when the loss or gradient norm is not finite."""
+        throughput, loop-aware MFU, peak memory; "skipped" when the loss or gradient norm is not finite.
+        `tokens`: trained on so far (the run's count, right across a changed global batch); default
+        step x tokens_per_step."""
         n = sum(d.n for d in draws) / len(draws)
         k = sum(d.k for d in draws) / len(draws)
         loss, parts = losses["loss"], {name: value for name, value in losses.items() if name != "loss"}
@@ -47,7 +56,7 @@ class StepCost:
             "r_micro": [d.r for d in draws],
             "mean_recurrence": draws[0].mean,
             "capped": sum(d.capped for d in draws),
-            "tokens": step * self.tokens_per_step,
+            "tokens": step * self.tokens_per_step if tokens is None else tokens,
             "tokens_per_s": self.tokens_per_step / elapsed,
             "step_time_s": elapsed,
             "skipped": not (math.isfinite(loss) and math.isfinite(grad_norm)),

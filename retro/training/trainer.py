@@ -35,6 +35,7 @@ from retro.training.objective import CrossEntropy, Distillation, Objective
 from retro.training.preflight import reshard_warning
 from retro.training.progress import Progress
 from retro.training.recurrence import Draw, RecurrenceSchedule, state_generator
+from retro.training.resume_check import recorded_tokens_per_step, run_record
 from retro.training.run_dir import prepare_run_dir
 from retro.training.signals import REQUEUE_EXIT_CODE, SignalFlag
 from retro.training.train_state import TrainState
@@ -60,7 +61,8 @@ class Trainer:
             teacher = build_teacher(job.distill, model_config, job.parallel, self.mesh, info.device, self.dtype)
             self.objective = Distillation(teacher, job.distill, job.data.seq_len)
         self.accumulation = t.global_batch // (t.micro_batch * info.world_size)
-        self.checkpointer = Checkpointer(job.checkpoint, self.out_dir, info.rank, info.world_size)
+        record = run_record(job, model_config)
+        self.checkpointer = Checkpointer(job.checkpoint, self.out_dir, info.rank, info.world_size, record)
         self.flops = FlopModel.from_config(model_config, job.data.seq_len)
         tokens, peak = t.global_batch * job.data.seq_len, peak_flops(info.device)
         self.cost = StepCost(tokens, self._flops_per_token, peak, info.world_size, info.device)
@@ -73,7 +75,7 @@ class Trainer:
         """Open the data, resume from the newest complete checkpoint if any, prepare the run directory."""
         t, info = self.job.train, self.info
         loader = self.job.data.train_loader(t.micro_batch, info.rank, info.world_size, t.seed)
-        self.state = TrainState(self.scheduler, loader)
+        self.state = TrainState(self.scheduler, loader, tokens=0)
         self.val_batches = self.job.data.val_batches(t.micro_batch, info.rank, info.world_size, t.val_batches)
         self.resumed_from = self.checkpointer.resume_path()
         if self.resumed_from is not None:
@@ -93,6 +95,9 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         self.checkpointer.load(path, self.model, self.optimizer, self.state)
+        if self.state.tokens is None:  # a checkpoint from before the count: its run's batch x seq_len per step
+            per_step = recorded_tokens_per_step(path, self.out_dir) or self.cost.tokens_per_step
+            self.state.tokens = self.state.step * per_step
         if self.state.reshard is not None:
             self._say(
                 reshard_warning(self.state.reshard, path, self.state.step, self.job).removeprefix("retro.train: "), True
@@ -162,8 +167,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step = step + 1
+        self.state.tokens += self.cost.tokens_per_step
         elapsed = time.perf_counter() - started
-        return self.cost.record(step + 1, losses, grad_norm, self.scheduler.get_last_lr(), draws, elapsed), signalled
+        lrs = self.scheduler.get_last_lr()
+        return self.cost.record(step + 1, losses, grad_norm, lrs, draws, elapsed, self.state.tokens), signalled
 
     def _flops_per_token(self, n: float, k: float) -> float:
         """The step's work per token: the student's n no-grad + k grad passes, and the objective's own."""
