@@ -27,6 +27,7 @@ def convert(model_dir: str | Path, out_dir: str | Path, force: bool = False, **r
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, force, {"the source model": model_dir})
     done = build_conversion(model_dir, **request)
+    check_shapes(done.config, done.tensors)  # a config.json that disagrees with the weights: nothing written
     summary = {"out": str(out_dir), **done.summary}
     with staged_output(out_dir) as tmp:
         done.config.save_pretrained(tmp)
@@ -37,6 +38,25 @@ def convert(model_dir: str | Path, out_dir: str | Path, force: bool = False, **r
             summary.update(done.gguf.save_tokenizer(tmp))
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def check_shapes(config, tensors: dict) -> None:
+    """Every tensor to be written has the shape the RetroConfig implies (the model built on the meta device,
+    so no memory is allocated); ValueError naming the first that does not, with both shapes."""
+    import torch
+
+    from retro.model.modeling import RetroForCausalLM
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in RetroForCausalLM(config).state_dict().items()}
+    for name, tensor in tensors.items():
+        if name not in expected:
+            raise ValueError(f"tensor {name} has no place in the model the converted config describes")
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"tensor {name} has shape {list(tensor.shape)}, but the source's config.json implies "
+                f"{list(expected[name])}: the config disagrees with the weights; nothing written"
+            )
 
 
 def format_summary(s: dict) -> str:

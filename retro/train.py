@@ -5,7 +5,8 @@ recurrence sampling (same on every rank, keyed by the step), truncated backprop,
 accumulation, clipping, LR schedule, metrics, validation at several test recurrences, DCP
 checkpoints, signal-safe exits. While it runs, train.out_dir is locked (OUT/.retro-lock): a second run
 into it exits 2. Exit codes: 0 done, 2 bad config or input (or out_dir held by a live run), 3 too many
-non-finite steps, 85 checkpointed after SIGTERM/SIGUSR1 (requeue).
+non-finite steps, 85 checkpointed after SIGTERM/SIGUSR1 (requeue; also a signal during start-up, before
+the first step, when nothing is saved).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from retro.training.model_source import load_model_config
 from retro.training.preflight import check_data
 from retro.training.resume_check import check_resume
 from retro.training.run_lock import hold_run_dir
+from retro.training.signals import SignalFlag
 from retro.training.trainer import Trainer
 
 
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
+    signals = SignalFlag()  # before any slow start-up work: a SIGTERM/SIGUSR1 then exits 85 (requeue), not killed
     try:
         overrides = split_cli_overrides(rest)
         if args.resume:
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             with hold_run_dir(out_dir, info, ckpt.lock_stale_s, run_dir_checks):  # before anything in it is touched
                 trainer = Trainer(job, info, model_config)
                 try:
-                    return trainer.fit()
+                    return trainer.fit(signals)
                 finally:
                     trainer.close()
         finally:

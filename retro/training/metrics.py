@@ -93,9 +93,25 @@ class MetricsLog:
             self.writer.close()
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Drop the records of steps after `step` (a resumed run re-runs them), so plots show each step once."""
+def truncate_after(path: Path, step: int, say: Callable[[str], None] = print) -> None:
+    """Drop the records of steps after `step` (a resumed run re-runs them), so plots show each step once.
+
+    A line that is not a JSON record (a partial last line, from a crash mid-write) is dropped with a
+    note naming the file and line; it does not block the resume.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            say(f"retro.train: note: {path}:{number}: dropping a partial line (a crash mid-write?): {line[:60]!r}")
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))

@@ -107,6 +107,13 @@ class Trainer:
                 f"note: {name} changed from {old:g} (checkpoint) to {new:g} (config); training continues at {new:g}"
             )
 
+    def _any_rank_signalled(self, signals: SignalFlag) -> bool:
+        """Whether any rank got a signal (all-reduced, so every rank takes the same exit)."""
+        flag = torch.tensor([float(signals.raised)], dtype=torch.float64, device=self.info.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _agree(self, draws: list[Draw], signals: SignalFlag) -> bool:
         """The step's one agreement all-reduce: every rank drew the same r (a rank that drew another would
         silently train a different model), and whether any rank got a signal (so all save together)."""
@@ -199,13 +206,17 @@ class Trainer:
         self.checkpointer.save(self.state.step, self.model, self.optimizer, self.state)
         return True
 
-    def fit(self) -> int:
+    def fit(self, signals: SignalFlag | None = None) -> int:
         """Resume, then train to train.steps; returns the exit code (0, REQUEUE_EXIT_CODE after a signal,
-        BAD_STEPS_EXIT_CODE)."""
+        BAD_STEPS_EXIT_CODE). `signals`: the flag retro.train installed before start-up (else one now); a
+        signal raised during start-up exits for requeue before the first step, nothing saved."""
+        signals = signals or SignalFlag()
         self.start()
+        if self._any_rank_signalled(signals):
+            self._say(f"signal received during start-up, before the first step; nothing saved; {self.what_exists()}")
+            return REQUEUE_EXIT_CODE
         t = self.job.train
         progress = Progress(t.steps, self.state.step, enabled=self.info.is_main)
-        signals = SignalFlag()
         bad_in_a_row = 0
         self.model.train()
         try:

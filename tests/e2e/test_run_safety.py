@@ -165,3 +165,28 @@ def test_a_run_directory_belongs_to_one_run(assets, tmp_path):
     assert "--force: starting over" in result.stdout and "not resumed" in result.stdout
     assert not (out / ".retro-lock").exists()
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 1, 2, 3, 4]  # as the --force note says
+
+
+def test_a_signal_during_start_up_exits_for_requeue(assets, tmp_path):
+    """SIGUSR1 right after the config is resolved, while the model is still loading. Before: the handler was
+    installed only in fit(), so the default action killed the process (exit -10, no requeue). Now: exit 85,
+    one line, no step taken and nothing saved."""
+    import signal
+
+    from retro.training.signals import REQUEUE_EXIT_CODE
+
+    model, data = assets
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    cmd = [sys.executable, "-m", "retro.train", *base_overrides(model, data, out)]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=repo)
+    first = proc.stdout.readline()
+    assert "resolved config" in first, first
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == REQUEUE_EXIT_CODE, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "signal received during start-up, before the first step; nothing saved" in first + stdout
+    assert checkpoint.complete_checkpoints(out) == []
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()

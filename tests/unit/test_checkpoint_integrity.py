@@ -69,3 +69,29 @@ def test_pruning_removes_the_marker_before_the_files(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert old.exists() and not (old / checkpoint.MARKER).exists()  # half-deleted: never COMPLETE
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+def _corrupt_payload(path):
+    """Flip bytes in the middle of the largest .distcp file, keeping its size (the size check passes)."""
+    payload = max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(payload.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    payload.write_bytes(bytes(data))
+    return payload
+
+
+def test_auto_resume_skips_a_corrupted_payload_of_the_same_size_with_a_warning(tmp_path):
+    first, second = _save(tmp_path, 2), _save(tmp_path, 4)
+    assert set(json.loads((second / checkpoint.MARKER).read_text())["crc32"]) >= {".metadata", "rank_0.pt"}
+    broken = _corrupt_payload(second)
+    warnings = []
+    assert checkpoint.find_resume(tmp_path, "auto", warnings.append) == first
+    assert len(warnings) == 1 and str(second) in warnings[0] and f"{broken.name} has other bytes" in warnings[0]
+
+
+def test_explicit_resume_of_a_corrupted_payload_names_the_file(tmp_path):
+    path = _save(tmp_path, 2)
+    broken = _corrupt_payload(path)
+    with pytest.raises(FileNotFoundError, match=f"damaged \\({broken.name} has other bytes"):
+        checkpoint.find_resume(tmp_path, str(path))

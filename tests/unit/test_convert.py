@@ -128,3 +128,22 @@ def test_zero_embedding_rows_are_reported(tmp_path, capsys):
     source.save_pretrained(tmp_path / "src")
     assert main(["--model", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--static"]) == 0
     assert "WARNING: embedding rows [0, 5] are all zeros" in capsys.readouterr().out
+
+
+def test_a_config_that_disagrees_with_the_tensors_is_refused_and_nothing_written(tmp_path, capsys):
+    """config.json's intermediate_size edited after saving: before, convert wrote an unloadable model."""
+    src = tmp_path / "src"
+    save_source(src, "llama")
+    config = json.loads((src / "config.json").read_text())
+    real, hidden = config["intermediate_size"], config["hidden_size"]
+    config["intermediate_size"] = real - 8
+    (src / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["--model", str(src), "--out", str(out), "--shape", "1,1,1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("retro.convert: error: tensor model.") and ".mlp." in err
+    # the fused gate_up projection: 2 x intermediate_size rows written, 2 x the edited value implied
+    assert f"has shape [{2 * real}, {hidden}], but the source's config.json implies [{2 * (real - 8)}, {hidden}]" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written, no partial output left

@@ -29,3 +29,17 @@ def test_a_non_finite_loss_or_norm_marks_the_step_skipped(loss, norm):
     cost = StepCost(8, lambda n, k: 1.0, 1.0, 1, torch.device("cpu"))
     record = cost.record(1, {"loss": loss}, norm, [1.0], [Draw(mean=1, r=1, n=0, k=1, capped=False)], elapsed=1.0)
     assert record["skipped"] and "ce" not in record
+
+
+def test_resume_drops_a_partial_last_metrics_line_with_a_note(tmp_path, capsys):
+    """A crash mid-write leaves a partial last line: the resume drops it (and the re-run steps), naming the file."""
+    from retro.training.metrics import truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    truncate_after(path, 1)
+    out = capsys.readouterr().out
+    assert "Traceback" not in out
+    notes = [line for line in out.splitlines() if "partial" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"retro.train: note: {path}:3: ")
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
