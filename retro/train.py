@@ -69,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             with hold_run_dir(out_dir, info, ckpt.lock_stale_s, run_dir_checks):  # before anything in it is touched
                 trainer = Trainer(job, info, model_config)
                 try:
-                    return trainer.fit(signals)
+                    code = trainer.fit(signals)
                 finally:
                     trainer.close()
+            if dist.is_initialized():  # every rank ends here with the same code: tear the group down together
+                dist.barrier()
+            return code
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
