@@ -246,3 +246,9 @@ def check_tokenizer_matches(data: TokenShards | Manifest | str | Path, tokenizer
             f"(vocab_size {manifest.vocab_size}, hash {manifest.vocab_hash[:12]}) but the run names {name!r} "
             f"(vocab_size {got_size}, hash {got_hash[:12]})"
         )
+
+
+def tokenizer_dir(path: str | Path) -> Path | None:
+    """A model directory when it carries tokenizer files (retro.convert copies the source's), else None."""
+    path = Path(path)
+    return path if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")) else None

@@ -140,8 +140,7 @@ def check_loss_data(path: str | Path, data: str | Path) -> None:
     (the same vocabulary hash, as retro.train checks) and their ids fit its vocabulary."""
     import json
 
-    from retro.data.shards import check_tokenizer_matches
-    from retro.training.preflight import tokenizer_dir
+    from retro.data.shards import check_tokenizer_matches, tokenizer_dir
 
     config = Path(path) / "config.json"
     fields = json.loads(config.read_text()) if config.is_file() else {}

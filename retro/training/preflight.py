@@ -11,7 +11,7 @@ from pathlib import Path
 
 from retro.data.manifest import ShardFormatError
 from retro.data.mixture import Reshard
-from retro.data.shards import TokenShards, check_tokenizer_matches
+from retro.data.shards import TokenShards, check_tokenizer_matches, tokenizer_dir
 from retro.model.config import RetroConfig
 from retro.training.distill import check_teacher
 from retro.training.errors import ConfigError
@@ -80,12 +80,6 @@ def check_out_dir(job: JobConfig) -> None:
                 f"train.out_dir = {job.train.out_dir} ({out}) {how} {key} = {path} ({other}): a run directory "
                 "must be apart from its inputs; choose another train.out_dir"
             )
-
-
-def tokenizer_dir(path: str | Path) -> Path | None:
-    """A model directory when it carries tokenizer files (retro.convert copies the source's), else None."""
-    path = Path(path)
-    return path if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")) else None
 
 
 def reshard_warning(reshard: Reshard, path: Path, step: int, job: JobConfig) -> str:
