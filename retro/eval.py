@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from retro.hf.output_dir import check_apart
 from retro.inference.evaluate import EvalSettings, check_loss_data, default_device, evaluate_model
 from retro.inference.task_base import LM_EVAL_VERSIONS
 from retro.inference.tasks import TASKS
@@ -126,8 +127,10 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def check_out(out_dir: Path, force: bool) -> None:
-    """--out must be a new or empty directory, or --force must say its results may be replaced."""
+def check_out(out_dir: Path, force: bool, inputs: dict[str, Path] | None = None) -> None:
+    """--out must be a new or empty directory, or --force must say its results may be replaced; and it
+    may not be, hold or lie inside an input (`inputs`: {what: path}, the models and data evaluated)."""
+    check_apart(out_dir, inputs or {})
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -263,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
     try:
-        check_out(Path(args.out), args.force)
+        inputs = {f"--model {path}": Path(path) for path in args.model if Path(path).exists()}
+        if args.data and Path(args.data).exists():
+            inputs["--data"] = Path(args.data)
+        check_out(Path(args.out), args.force, inputs)
         results = run(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"retro.eval: error: {error}", file=sys.stderr)

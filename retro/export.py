@@ -35,22 +35,30 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
                 f"RUN/config.json and RUN/model_config/), which holds the model's config; export the run directory, "
                 f"or move the checkpoint back into it"
             )
+        problem = checkpoint.damage(path)
+        if problem is not None:
+            raise FileNotFoundError(f"{path}: the checkpoint is damaged ({problem})")
     else:
-        found = checkpoint.complete_checkpoints(path)
-        if not found:
+        if not checkpoint.complete_checkpoints(path):
             raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a run directory with one")
-        ckpt, run = found[-1], path
+        warn = lambda text: print(text.replace("retro.train", "retro.export"), file=sys.stderr)  # noqa: E731
+        ckpt, run = checkpoint.find_resume(path, "auto", warn), path  # the newest intact one
     for need in (run / "config.json", run / "model_config" / "config.json"):
         if not need.is_file():
             raise FileNotFoundError(f"{need} is missing: {run} is not a complete run directory")
     return ckpt, run
 
 
-def read_run_config(run: Path) -> tuple[float, Path]:
-    """(recurrence.max_mean, model.path) from the run's config.json, each named when absent."""
-    path = run / "config.json"
+def read_run_config(run: Path, ckpt: Path) -> tuple[float, Path]:
+    """(recurrence.max_mean, model.path) the checkpoint was trained with: from its own record
+    (job_config.json), or for a checkpoint written before records from the run's config.json (which a
+    later run with other settings may have rewritten); each named when absent."""
+    path = ckpt / checkpoint.RECORD
+    if not path.is_file():
+        path = run / "config.json"
     try:
         config = json.loads(path.read_text())
+        config = config.get("job", config) if path.name == checkpoint.RECORD else config
         return float(config["recurrence"]["max_mean"]), Path(config["model"]["path"])
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
@@ -76,7 +84,7 @@ def tokenizer_files(source: Path, named_by: str) -> list[str]:
 def export(source: str | Path, out_dir: str | Path, force: bool = False, tokenizer: str | Path | None = None) -> Path:
     ckpt, run = resolve_checkpoint(Path(source))
     out_dir = Path(out_dir)
-    max_mean, model_path = read_run_config(run)
+    max_mean, model_path = read_run_config(run, ckpt)
     tok_source = Path(tokenizer) if tokenizer else model_path
     names = tokenizer_files(tok_source, "--tokenizer" if tokenizer else f"model.path of {run / 'config.json'}")
     keep = {"the run directory": run, "the checkpoint": ckpt, "the tokenizer source": tok_source}

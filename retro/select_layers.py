@@ -163,12 +163,13 @@ def plot(metrics: LayerMetrics, best: Scored, paper: Scored, knees: tuple[int, i
 
 
 def run(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    inputs = {"the source model": Path(args.model), "--data": Path(args.data)}
+    check_output_dir(out, args.force or (out / "selection.json").is_file(), inputs)
     config, where, load_kwargs = load_source(args.model, args.gguf_file)
     num_layers, vocab = config.num_hidden_layers, config.vocab_size
     shards = TokenShards(args.data, split=args.split)
     shapes, calib, held = check_request(args, config, shards)
-    out = Path(args.out)
-    check_output_dir(out, args.force or (out / "selection.json").is_file(), {"the source model": Path(args.model)})
     check_tokenizer(shards, vocab, where, load_kwargs, args.allow_tokenizer_mismatch)
     from transformers import AutoModelForCausalLM
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from retro.distributed.setup import init_distributed
 from retro.training.checkpoint import check_fresh_start
-from retro.training.errors import ConfigError, TrainingError
+from retro.training.errors import ConfigError, SharedVerdict, TrainingError
 from retro.training.job_config import load_config, split_cli_overrides
 from retro.training.model_source import load_model_config
 from retro.training.preflight import check_data
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+    except SharedVerdict:
+        return 2  # rank 0 printed it
     except (ConfigError, FileNotFoundError, ValueError, TrainingError) as error:
         print(f"retro.train: error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -105,6 +105,8 @@ def check_output(out: Path, sources: list[Source], tokenizer_name: str, overwrit
     for flag, path in inputs:
         if path.resolve().is_relative_to(where):
             raise ValueError(f"{flag} {path} is inside --out {out}; write the shards to another directory")
+        if path.is_dir() and where.is_relative_to(path.resolve()):
+            raise ValueError(f"--out {out} is inside {flag} {path}; write the shards outside it")
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():

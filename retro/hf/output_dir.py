@@ -1,5 +1,6 @@
-"""Output directories of the commands that write models or shards (convert, export, prepare): refuse one
-that overlaps an input, and write into a `.partial` sibling swapped into place only when complete."""
+"""Output directories of the commands that write models, shards or results (convert, export, prepare,
+select_layers, eval): refuse one that overlaps an input, and write into a `.partial` sibling swapped
+into place only when complete."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ TOKENIZER_FILES = (
 )
 
 
-def check_output_dir(out_dir: Path, force: bool, keep: dict[str, Path]) -> None:
-    """Refuse an --out that is a file, non-empty without --force, or that is, holds or lies inside a
-    directory of `keep` ({what: path}: inputs the command must not replace or write into)."""
+def check_apart(out_dir: Path, keep: dict[str, Path]) -> None:
+    """Refuse an --out that is, holds or lies inside a path of `keep` ({what: path}: inputs the command
+    must not replace or write into)."""
     out = out_dir.resolve()
     for what, path in keep.items():
         other = path.resolve()
@@ -33,6 +34,12 @@ def check_output_dir(out_dir: Path, force: bool, keep: dict[str, Path]) -> None:
             raise ValueError(f"--out {out_dir} contains {what} {path}; replacing it would delete it")
         if out.is_relative_to(other):
             raise ValueError(f"--out {out_dir} is inside {what} {path}; write the output outside it")
+
+
+def check_output_dir(out_dir: Path, force: bool, keep: dict[str, Path]) -> None:
+    """Refuse an --out that is a file, non-empty without --force, or that is, holds or lies inside a
+    directory of `keep` ({what: path}: inputs the command must not replace or write into)."""
+    check_apart(out_dir, keep)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:

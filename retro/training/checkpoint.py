@@ -6,16 +6,24 @@ its shards), `rank_<r>.pt` with that rank's scheduler, data-loader and RNG state
 and `COMPLETE`, written by rank 0 only after every rank has finished, with every file's size and CRC-32
 (each rank checksums the files it wrote). A crash mid-save leaves a directory without `COMPLETE`, which
 resume ignores, so the previous checkpoint stays usable; a complete one whose files no longer match the
-recorded sizes or checksums is skipped with a warning.
+recorded sizes or checksums is skipped with a warning (and when every one is damaged, the run refuses to
+start rather than silently starting over).
+
+Each run line (a fresh start and every resume that follows from its checkpoints) has a `run_id`, kept in
+each checkpoint's record: pruning deletes only checkpoints named `step_<8 digits>` whose record carries
+this line's id, and nothing of an earlier run is deleted: `--resume none --force` moves it into
+OUT/superseded/<time>/ (supersede()).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import sys
 import time
+import uuid
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -40,6 +48,9 @@ from retro.training.errors import ConfigError
 
 MARKER = "COMPLETE"
 RECORD = "job_config.json"  # the job config a checkpoint was written with (resume_check.py compares it)
+STEP_NAME = re.compile(r"step_\d{8}")  # checkpoint_dir's names; anything else under checkpoints/ is not ours
+SUPERSEDED = "superseded"  # OUT/superseded/<UTC time>/: an earlier run's files, set aside by a fresh start
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "model_config", "tensorboard")  # what a run writes
 
 
 @dataclass
@@ -68,11 +79,25 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
 
 
 def complete_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (named `step_<8 digits>`, holding COMPLETE), oldest first."""
     root = out_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+    found = (p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+    return sorted(p for p in found if (p / MARKER).is_file())
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def run_id_of(path: Path) -> str | None:
+    """The run line that wrote checkpoint `path` (None: a checkpoint from before run ids, or no record)."""
+    try:
+        value = json.loads((path / RECORD).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def crc32(file: Path) -> int:
@@ -135,11 +160,19 @@ def find_resume(out_dir: Path, resume: str, warn=print) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        for path in reversed(complete_checkpoints(out_dir)):
+        found, problems = complete_checkpoints(out_dir), []
+        for path in reversed(found):
             problem = damage(path)
             if problem is None:
                 return path
+            problems.append(f"{path.name}: {problem}")
             warn(f"retro.train: warning: checkpoint {path} is damaged ({problem}); trying the previous one")
+        if found:  # starting over here would silently repeat the steps the damaged checkpoints hold
+            raise FileNotFoundError(
+                f"every complete checkpoint in {out_dir / 'checkpoints'} is damaged ({'; '.join(problems)}): "
+                "restore them, resume another checkpoint (--resume PATH), or start over with --resume none --force "
+                f"(they move to {out_dir / SUPERSEDED}/)"
+            )
         return None
     path = Path(resume)
     if not (path / MARKER).is_file():
@@ -166,17 +199,37 @@ def check_fresh_start(out_dir: Path, resume: str, keep_last: int, force: bool, s
             "choose another train.out_dir, or pass --force to start over in this one"
         )
     say(
-        f"retro.train: --force: starting over in {out_dir}, which holds {held}; they are not resumed, "
-        f"a save at the same step replaces one, checkpoint.keep_last = {keep_last} prunes old and new together "
-        "by step number (the highest steps are kept), and metrics.jsonl keeps the old lines, this run's appended"
+        f"retro.train: --force: starting over in {out_dir}, which holds {held}; once every check has passed, "
+        f"they and the earlier run's {', '.join(RUN_FILES[1:])} move to {out_dir / SUPERSEDED}/<UTC time>/ "
+        "(nothing is deleted; delete that folder when you no longer need it)"
     )
 
 
-def prune(out_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, the COMPLETE marker first, so a
-    kill mid-deletion leaves an incomplete directory (ignored by resume), never a complete one with
-    files missing."""
-    for old in complete_checkpoints(out_dir)[:-keep_last]:
+def supersede(out_dir: Path, say=print) -> Path | None:
+    """Move an earlier run's files (RUN_FILES) into OUT/superseded/<UTC time>/, so a fresh start in
+    out_dir neither mixes with them nor deletes them; returns where they went (None: there were none)."""
+    present = [out_dir / name for name in RUN_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = out_dir / SUPERSEDED / stamp
+    for suffix in range(1, 1000):  # two fresh starts within one second
+        if not target.exists():
+            break
+        target = out_dir / SUPERSEDED / f"{stamp}-{suffix}"
+    target.mkdir(parents=True)
+    for path in present:
+        path.rename(target / path.name)
+    say(f"retro.train: fresh start: the earlier run's {', '.join(p.name for p in present)} moved to {target}")
+    return target
+
+
+def prune(out_dir: Path, keep_last: int, run_id: str | None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints of run line `run_id` (by name pattern
+    and record; any other checkpoint is left alone), the COMPLETE marker first, so a kill mid-deletion
+    leaves an incomplete directory (ignored by resume), never a complete one with files missing."""
+    ours = [path for path in complete_checkpoints(out_dir) if run_id_of(path) == run_id]
+    for old in ours[:-keep_last]:
         (old / MARKER).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
 
@@ -209,8 +262,17 @@ def save(
     `record` (the run's job config and model shape) goes to `job_config.json`, written by rank 0 before
     `COMPLETE`, so its size is recorded and checked like the other files'."""
     path = checkpoint_dir(out_dir, step)
-    if rank == 0 and path.exists():
-        shutil.rmtree(path)  # a stale incomplete attempt at the same step
+    run_id = (record or {}).get("run_id")
+    if rank == 0 and (path.exists() or path.is_symlink()):
+        if path.is_dir() and not path.is_symlink() and (path / MARKER).is_file() and run_id_of(path) != run_id:
+            aside = out_dir / SUPERSEDED / f"{path.name}-of-run-{run_id_of(path) or 'unknown'}-{new_run_id()}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(aside)  # another run line's complete checkpoint at this step: kept, not replaced
+            print(f"retro.train: note: {path} belonged to another run; moved to {aside}", file=sys.stderr, flush=True)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # a stale incomplete attempt at the same step, or this line's own older save
+        else:
+            path.unlink()
     _barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     with _single_process_is_intended():
@@ -222,7 +284,7 @@ def save(
     if rank == 0:
         files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
         (path / MARKER).write_text(json.dumps({"step": step, "time": time.time(), "files": files, "crc32": sums}))
-        prune(out_dir, keep_last)
+        prune(out_dir, keep_last, run_id)
     _barrier()
     return path
 
@@ -310,11 +372,15 @@ class Checkpointer:
         record: dict[str, Any] | None = None,
     ) -> None:
         self.settings, self.out_dir, self.rank, self.world_size = settings, out_dir, rank, world_size
-        self.record = record  # the run's job config + model shape, saved into each checkpoint
+        self.record = dict(record or {})  # the run's job config + model shape, saved into each checkpoint
 
     def resume_path(self) -> Path | None:
+        """The checkpoint to resume (None: a fresh start); this run continues its run line (run_id), or
+        starts a new one."""
         warn = (lambda text: print(text, file=sys.stderr, flush=True)) if self.rank == 0 else (lambda text: None)
-        return find_resume(self.out_dir, self.settings.resume, warn)
+        path = find_resume(self.out_dir, self.settings.resume, warn)
+        self.record["run_id"] = run_id_of(path) if path is not None else new_run_id()
+        return path
 
     def due(self, step: int, last_step: int) -> bool:
         """Save after this step? Every `every` steps and always after the last one."""

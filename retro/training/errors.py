@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """A run that cannot continue, with what exists on disk."""
+
+
+class SharedVerdict(ConfigError):
+    """Rank 0's ConfigError, received by another rank: rank 0 prints it, the others exit 2 silently, so a
+    refused run shows its one line once, not once per rank."""

@@ -16,6 +16,7 @@ from retro.model.config import RetroConfig
 from retro.training.distill import check_teacher
 from retro.training.errors import ConfigError
 from retro.training.job_config import JobConfig
+from retro.training.run_lock import LOCK_NAME
 
 
 def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int) -> None:
@@ -80,6 +81,36 @@ def check_out_dir(job: JobConfig) -> None:
                 f"train.out_dir = {job.train.out_dir} ({out}) {how} {key} = {path} ({other}): a run directory "
                 "must be apart from its inputs; choose another train.out_dir"
             )
+    other_run = next((p for p in out.parents if is_run_dir(p)), None) or next(run_dirs_below(out), None)
+    if other_run is not None:
+        how = "sits inside" if out.is_relative_to(other_run) else "contains"
+        raise ConfigError(
+            f"train.out_dir = {job.train.out_dir} ({out}) {how} the run directory {other_run}: its checkpoints, "
+            "metrics and config would mix with this run's (or be pruned by it); choose another train.out_dir"
+        )
+
+
+def is_run_dir(path: Path) -> bool:
+    """A retro.train run directory: locked by a live run, or holding a run's config.json and checkpoints/."""
+    return (path / LOCK_NAME).is_file() or ((path / "config.json").is_file() and (path / "checkpoints").is_dir())
+
+
+def run_dirs_below(path: Path, depth: int = 3):
+    """Run directories strictly below `path`, up to `depth` levels down (an out_dir is a fresh or a run
+    directory, so a deep search is rarely needed; it stays cheap on a large folder)."""
+    if depth == 0 or not path.is_dir():
+        return
+    try:
+        children = sorted(child for child in path.iterdir() if child.is_dir() and not child.is_symlink())
+    except OSError:
+        return
+    for child in children:
+        if child.name in ("checkpoints", "superseded", "model_config", "tensorboard") and is_run_dir(path):
+            continue  # this run's own folders
+        if is_run_dir(child):
+            yield child
+        else:
+            yield from run_dirs_below(child, depth - 1)
 
 
 def reshard_warning(reshard: Reshard, path: Path, step: int, job: JobConfig) -> str:

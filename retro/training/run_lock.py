@@ -34,7 +34,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from retro.distributed.setup import DistInfo
-from retro.training.errors import ConfigError
+from retro.training.errors import ConfigError, SharedVerdict
 
 LOCK_NAME = ".retro-lock"
 HEARTBEAT_S = 30.0  # how often a live holder refreshes the lock's mtime; checkpoint.lock_stale_s must exceed it well
@@ -254,7 +254,7 @@ def hold_run_dir(
             lock.release()
         if unexpected is not None:
             raise unexpected
-        raise ConfigError(error)
+        raise ConfigError(error) if info.is_main else SharedVerdict(error)
     try:
         yield lock
     finally:

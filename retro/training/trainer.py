@@ -70,6 +70,7 @@ class Trainer:
         self.state: TrainState | None = None  # the data position and step: set by `start`
         self.log: MetricsLog | None = None
         self.resumed_from: Path | None = None
+        self.finished = False  # the resumed checkpoint is already at train.steps
 
     def start(self) -> None:
         """Open the data, resume from the newest complete checkpoint if any, prepare the run directory."""
@@ -80,6 +81,13 @@ class Trainer:
         self.resumed_from = self.checkpointer.resume_path()
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
+        self.finished = self.state.step >= t.steps
+        if self.finished:  # a re-run of a finished run: nothing to train, so nothing in out_dir is rewritten
+            self._say(
+                f"nothing to do: {self.resumed_from} is at step {self.state.step}, train.steps = {t.steps}; "
+                "out_dir is left as it was (raise train.steps to train on)"
+            )
+            return
         if info.is_main:
             resumed_step = self.state.step if self.resumed_from is not None else None
             self.log = prepare_run_dir(self.out_dir, self.job, self.model_config, resumed_step)
@@ -212,6 +220,8 @@ class Trainer:
         signal raised during start-up exits for requeue before the first step, nothing saved."""
         signals = signals or SignalFlag()
         self.start()
+        if self.finished:
+            return 0
         if self._any_rank_signalled(signals):
             self._say(f"signal received during start-up, before the first step; nothing saved; {self.what_exists()}")
             return REQUEUE_EXIT_CODE

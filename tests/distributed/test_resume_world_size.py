@@ -155,6 +155,14 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(assets, tmp_path):
     reference = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "one")}
     out = tmp_path / "two"
     shutil.copytree(checkpoint.checkpoint_dir(tmp_path / "one", 2), checkpoint.checkpoint_dir(out, 2))
+    # A changed setting is refused on 2 ranks as on one: exit 2, one line (rank 0's, not one per rank), no
+    # traceback of ours (torchrun adds its report of a failed child), no rank left hanging, nothing written.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = run_train(base_overrides(model, data, out, **extra, **{"data.seq_len": 8}), nproc=2, check=False)
+    errors = [line for line in refused.stderr.splitlines() if "retro.train: error:" in line]
+    assert refused.returncode != 0 and "retro/" not in refused.stderr, refused.stderr[-3000:]
+    assert len(errors) == 1 and "resume: data.seq_len changed from 16 (checkpoint step_00000002) to 8" in errors[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     result = run_train(base_overrides(model, data, out, **extra) + ["--resume", "auto"], nproc=2)
     assert "warning: resuming 1-rank checkpoint" in result.stderr and "on 2 ranks" in result.stderr
     records = read_metrics(out)

@@ -391,6 +391,15 @@ def test_train_out_dir_inside_a_data_source_is_refused(work, capsys):
     assert f"sits inside data.train = {work / 'data'}" in line
 
 
+@pytest.mark.parametrize("where, how", [("run/sub", "sits inside"), ("runs", "contains")])
+def test_train_out_dir_overlapping_another_run_is_refused(work, capsys, where, how):
+    """Another run's directory (its config.json and checkpoints/) is not a place to train into, nor to hold."""
+    shutil.copytree(work / "run", work / "runs" / "earlier")
+    other = work / "run" if where == "run/sub" else work / "runs" / "earlier"
+    line = refused(train_main, train_args(work, f"--train.out_dir={work / where}"), capsys, "retro.train", work)
+    assert f"{how} the run directory {other}" in line
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [
@@ -537,3 +546,29 @@ def test_local_launcher_dry_run_runs_the_worker(tmp_path):
         "--resume",
         "auto",
     ]
+
+
+@pytest.mark.parametrize("where", ["model", "data"])
+def test_eval_out_overlapping_an_input_is_refused(work, capsys, shards, where):
+    """eval --out onto the evaluated model (with --force) or inside its data used to write results there."""
+    data = work / "own"
+    shutil.copytree(shards["own"], data)
+    out = work / "model" if where == "model" else data / "results"
+    line = refused(eval_main, loss_args(work, data, out, "--force"), capsys, "retro.eval", work)
+    assert (f"--out {out} is --model" if where == "model" else f"--out {out} is inside --data") in line
+
+
+def test_select_layers_out_inside_its_data_is_refused(work, capsys, shards):
+    from retro.select_layers import main as select_main
+
+    data = work / "own"
+    shutil.copytree(shards["own"], data)
+    argv = ["--model", work / "src", "--data", data, "--shape", "1,1,1", "--seq-len", "8", "--out", data / "sel"]
+    line = refused(select_main, argv, capsys, "retro.select_layers", work)
+    assert f"--out {data / 'sel'} is inside --data" in line
+
+
+def test_prepare_out_inside_the_tokenizer_is_refused(work, capsys):
+    out = work / "tok" / "shards"
+    line = refused(prepare_main, prepare_args(work, [work / "corpus.jsonl"], out), capsys, "retro.data.prepare", work)
+    assert f"--out {out} is inside --tokenizer" in line

@@ -1,6 +1,8 @@
 """A resume is explicit about what changed (issue 24, item 4): each checkpoint records the job config it
 was written with (`job_config.json`); a resume that changes what the checkpoint means is refused with one
-line before anything in the run directory is written, an allowed change is printed as a note."""
+line before anything in the run directory is written, an allowed change is printed as a note. And what
+the record settles after a run: a re-run of a finished run writes nothing, export reads the checkpoint's
+own record, damaged checkpoints stop a run instead of restarting it, and an earlier run is set aside."""
 
 from __future__ import annotations
 
@@ -132,3 +134,60 @@ def test_a_checkpoint_without_any_record_still_resumes_with_a_note(run, capsys):
     assert code == 0, err
     assert "are not compared with the checkpoint's" in stdout and "resuming from" in stdout
     assert [m["step"] for m in read_metrics(out)] == list(range(1, 7))
+
+
+def test_a_rerun_of_a_finished_run_writes_nothing(run, capsys):
+    """Before: a re-run with another recurrence.max_mean did no step, exited 0 and rewrote config.json, so a
+    later export stamped default_recurrences from the new value on weights trained with the old one."""
+    model, data, out = run
+    before = snapshot(out)
+    code, stdout, err = train(model, data, out, capsys, **{"recurrence.max_mean": 9})
+    assert code == 0, err
+    assert "nothing to do" in stdout and "step 4, train.steps = 4" in stdout
+    assert snapshot(out) == before
+
+
+def test_export_takes_the_recurrence_the_checkpoint_was_trained_with(run, tmp_path):
+    """Before: export read max_mean from RUN/config.json, which a later run may have rewritten."""
+    from retro.export import export
+
+    model, data, out = run
+    config = json.loads((out / "config.json").read_text())
+    config["recurrence"]["max_mean"] = 9.0  # as a later run with another setting would leave it
+    (out / "config.json").write_text(json.dumps(config))
+    export(out, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["default_recurrences"] == 3  # the record's M
+
+
+def test_every_checkpoint_damaged_is_refused_not_a_silent_fresh_start(run, capsys):
+    """Before: with its only checkpoints damaged the run started over and repeated steps 1-4 in metrics.jsonl.
+    Now: exit 2 naming each damaged file, nothing written; --resume none --force then moves them aside."""
+    model, data, out = run
+    for path in complete_checkpoints(out):
+        (path / "rank_0.pt").write_bytes(b"damaged")
+    before = snapshot(out)
+    code, _, err = train(model, data, out, capsys, **{"train.steps": 6})
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if "error" in line]
+    assert "every complete checkpoint" in line and "step_00000004: rank_0.pt has 7 bytes" in line
+    assert "step_00000002: rank_0.pt" in line and "--resume none --force" in line
+    assert snapshot(out) == before
+    code = train_main([str(a) for a in base_overrides(model, data, out, **STEPS)] + ["--resume", "none", "--force"])
+    assert code == 0
+    (aside,) = (out / "superseded").iterdir()
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_a_fresh_start_sets_an_earlier_runs_leftovers_aside(run, capsys):
+    """A run that never saved a checkpoint leaves config.json and metrics.jsonl: the next fresh start used to
+    append to that metrics.jsonl. Now they move, byte for byte, into OUT/superseded/<time>/."""
+    model, data, out = run
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    code, stdout, err = train(model, data, out, capsys)
+    assert code == 0, err
+    (aside,) = (out / "superseded").iterdir()
+    assert f"moved to {aside}" in stdout
+    assert snapshot(aside) == before
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]

@@ -130,8 +130,8 @@ def test_bad_values_are_one_clear_line(assets, tmp_path):
 def test_a_run_directory_belongs_to_one_run(assets, tmp_path):
     """Before: a second run into a live run's directory, or `--resume none` into a used one, rewrote
     config.json, appended to metrics.jsonl and pruned checkpoints. Now: both exit 2 with one line and
-    leave every byte as it was; a stale lock is taken over with a note; `--force` starts over, and
-    the lock is gone after each run."""
+    leave every byte as it was; a stale lock is taken over with a note; `--force` starts over after
+    moving the earlier run, byte for byte, into OUT/superseded/<time>/; the lock is gone after each run."""
     model, data = assets
     out = tmp_path / "run"
     extra = {"train.steps": 4}
@@ -162,9 +162,14 @@ def test_a_run_directory_belongs_to_one_run(assets, tmp_path):
     (out / ".retro-lock").write_text(json.dumps({**live, "pid": gone.pid}))
     result = run_train(base_overrides(model, data, out, **extra) + ["--resume", "none", "--force"])
     assert f"taking over the stale lock {out / '.retro-lock'} of pid {gone.pid}" in result.stdout
-    assert "--force: starting over" in result.stdout and "not resumed" in result.stdout
+    assert "--force: starting over" in result.stdout and "nothing is deleted" in result.stdout
     assert not (out / ".retro-lock").exists()
-    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 1, 2, 3, 4]  # as the --force note says
+    # The earlier run is set aside whole, byte for byte; this run's metrics and checkpoints are its own.
+    (aside,) = (out / "superseded").iterdir()
+    assert f"moved to {aside}" in result.stdout
+    assert {str(p.relative_to(aside)): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == before
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000004"]
 
 
 def test_a_signal_during_start_up_exits_for_requeue(assets, tmp_path):

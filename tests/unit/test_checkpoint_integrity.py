@@ -13,13 +13,14 @@ import retro
 from retro.training import checkpoint
 
 
-def _save(tmp_path, step: int, keep_last: int = 3):
+def _save(tmp_path, step: int, keep_last: int = 3, run_id: str | None = None):
     config = retro.RetroConfig(
         vocab_size=40, hidden_size=16, intermediate_size=24, num_attention_heads=2, n_prelude=1, n_recurrent=1, n_coda=1
     )
     model = retro.RetroForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters())
-    return checkpoint.save(tmp_path, step, model, optimizer, {"step": step}, rank=0, keep_last=keep_last)
+    record = {"run_id": run_id} if run_id else None
+    return checkpoint.save(tmp_path, step, model, optimizer, {"step": step}, rank=0, keep_last=keep_last, record=record)
 
 
 def _truncate_largest(path):
@@ -95,3 +96,52 @@ def test_explicit_resume_of_a_corrupted_payload_names_the_file(tmp_path):
     broken = _corrupt_payload(path)
     with pytest.raises(FileNotFoundError, match=f"damaged \\({broken.name} has other bytes"):
         checkpoint.find_resume(tmp_path, str(path))
+
+
+def test_auto_resume_refuses_when_every_checkpoint_is_damaged(tmp_path):
+    """Used to return None: the run silently started over and repeated the checkpointed steps."""
+    first, second = _save(tmp_path, 2), _save(tmp_path, 4)
+    (first / "rank_0.pt").unlink()
+    _truncate_largest(second)
+    with pytest.raises(FileNotFoundError, match="every complete checkpoint .* is damaged") as error:
+        checkpoint.find_resume(tmp_path, "auto", lambda text: None)
+    assert "step_00000002: rank_0.pt is missing" in str(error.value) and "step_00000004: " in str(error.value)
+    assert checkpoint.find_resume(tmp_path / "elsewhere", "auto") is None  # no checkpoint at all: a fresh start
+
+
+def test_pruning_touches_only_this_run_lines_checkpoints(tmp_path):
+    """Only `step_<8 digits>` directories whose record carries this line's run_id are pruned: another line's
+    checkpoint and a look-alike directory (a user's backup copy) survive keep_last = 1."""
+    foreign = _save(tmp_path, 1, run_id="earlier")
+    backup = tmp_path / "checkpoints" / "step_00000001.bak"
+    shutil.copytree(foreign, backup)
+    mine = [_save(tmp_path, step, keep_last=1, run_id="this") for step in (2, 4, 6)]
+    assert not mine[0].exists() and not mine[1].exists() and (mine[2] / checkpoint.MARKER).is_file()
+    assert (foreign / checkpoint.MARKER).is_file() and (backup / checkpoint.MARKER).is_file()
+    assert checkpoint.run_id_of(foreign) == "earlier" and checkpoint.run_id_of(mine[2]) == "this"
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000001", "step_00000006"]
+
+
+def test_a_save_never_replaces_another_lines_checkpoint_at_its_step(tmp_path):
+    """A complete checkpoint of another run line at the step being saved is moved aside, not deleted."""
+    foreign = _save(tmp_path, 4, run_id="earlier")
+    files = {p.name: p.read_bytes() for p in foreign.iterdir()}
+    _save(tmp_path, 4, run_id="this")
+    assert checkpoint.run_id_of(foreign) == "this"
+    (aside,) = (tmp_path / checkpoint.SUPERSEDED).iterdir()
+    assert aside.name.startswith("step_00000004-of-run-earlier-")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == files
+    _save(tmp_path, 4, run_id="this")  # this line's own checkpoint at the step: replaced, nothing more set aside
+    assert len(list((tmp_path / checkpoint.SUPERSEDED).iterdir())) == 1
+
+
+def test_supersede_moves_an_earlier_run_whole(tmp_path):
+    _save(tmp_path, 2)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "notes.txt").write_text("the user's own")
+    said = []
+    target = checkpoint.supersede(tmp_path, said.append)
+    assert sorted(p.name for p in target.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert (tmp_path / "notes.txt").is_file() and not (tmp_path / "checkpoints").exists()
+    assert str(target) in said[0]
+    assert checkpoint.supersede(tmp_path, said.append) is None
