@@ -10,6 +10,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+# A ChatML-like template: each turn ends with <|end|>, and the generation prompt is the assistant's header.
+TURN_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
 
 
 def word_tokenizer(directory: Path, num_words: int, chat: bool = False) -> Path:
@@ -30,6 +35,42 @@ def word_tokenizer(directory: Path, num_words: int, chat: bool = False) -> Path:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(directory))
     return directory
+
+
+def turn_tokenizer(directory: Path, num_words: int) -> Path:
+    """word_tokenizer's words w0.. at ids 2.. plus <|system|>, <|user|>, <|assistant|>, <|end|> and TURN_TEMPLATE."""
+    vocab = {"[UNK]": 0, "[EOS]": 1} | {f"w{i}": i + 2 for i in range(num_words)}
+    for token in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"):
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    fast.chat_template = TURN_TEMPLATE
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def random_chats(n: int, num_words: int, seed: int = 0, turns: int = 2) -> list[list[dict]]:
+    """Conversations of `turns` (user, assistant) pairs of 1..8 random words each, some with a system turn."""
+    rng = random.Random(seed)
+
+    def words() -> str:
+        return " ".join(f"w{rng.randrange(num_words)}" for _ in range(rng.randint(1, 8)))
+
+    chats = []
+    for _ in range(n):
+        chat = [{"role": "system", "content": words()}] if rng.random() < 0.3 else []
+        for _ in range(turns):
+            chat += [{"role": "user", "content": words()}, {"role": "assistant", "content": words()}]
+        chats.append(chat)
+    return chats
+
+
+def write_chats(path: Path, chats: list[list[dict]]) -> Path:
+    with open(path, "w") as f:
+        for chat in chats:
+            f.write(json.dumps({"messages": chat}) + "\n")
+    return path
 
 
 def reversed_word_tokenizer(directory: Path, num_words: int) -> Path:

@@ -9,7 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_helpers import prepare_dir, random_docs, word_tokenizer, write_jsonl
+from data_helpers import (
+    prepare_dir,
+    random_chats,
+    random_docs,
+    turn_tokenizer,
+    word_tokenizer,
+    write_chats,
+    write_jsonl,
+)
 from tiny import save_source
 
 from retro.convert import convert
@@ -26,6 +34,18 @@ def make_assets(root: Path, shape=(1, 2, 1), docs: int = 400) -> tuple[Path, Pat
     convert(root / "src", root / "model", shape=shape, adapter_init="default")
     corpus = write_jsonl(root / "corpus.jsonl", random_docs(docs, NUM_WORDS, seed=1, min_len=5, max_len=60))
     data = prepare_dir(root / "data", [corpus], tok, "--val-fraction", "0.1")
+    return root / "model", data
+
+
+def make_chat_assets(root: Path, shape=(1, 2, 1), chats: int = 300) -> tuple[Path, Path]:
+    """(converted model dir, chat shards with the loss on the assistant's tokens) under root."""
+    tok = turn_tokenizer(root / "tok", NUM_WORDS - 4)  # + 4 role/end tokens: the same 97 ids
+    save_source(root / "src", "llama", eos_token_id=1)
+    for name in os.listdir(tok):
+        (root / "src" / name).write_bytes((tok / name).read_bytes())
+    convert(root / "src", root / "model", shape=shape, adapter_init="default")
+    corpus = write_chats(root / "chats.jsonl", random_chats(chats, NUM_WORDS - 4, seed=1))
+    data = prepare_dir(root / "data", [corpus], tok, "--chat", "--val-fraction", "0.1")
     return root / "model", data
 
 

@@ -1,5 +1,17 @@
 """Tokenizing documents for `retro.data.prepare`: the tokenizer, its per-document special tokens,
-and batch encoding in K processes with bounded memory."""
+chat rendering with the assistant's loss mask, and batch encoding in K processes with bounded memory.
+
+The loss mask of a chat conversation (`--loss-on assistant`) comes from rendering it prefix by
+prefix: assistant turn i covers the characters that `messages[:i + 1]` adds to `messages[:i]`
+rendered with the generation prompt (the assistant's header), i.e. its content and whatever the
+template writes after it (the end-of-turn token). Every token of the full rendering that overlaps
+such a span (the fast tokenizer's character offsets) is a loss token, so the ids are exactly those
+of `--loss-on all`. Why not `return_assistant_tokens_mask`: it needs a template with
+`{% generation %}` markers, which few chat templates carry. Limits: a template that renders a turn
+differently once later turns follow (e.g. one that drops the reasoning of earlier turns) is refused
+with an error naming the row; a template without a generation prompt makes the assistant's header
+count as loss tokens (prepare warns).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ from retro.data.sources import InputError, Source, iter_batches
 
 _TOKENIZER: Any = None
 _CHAT = False
+_MASK = False  # --loss-on assistant: also return the assistant's loss mask
 
 
 def load_tokenizer(name: str) -> Any:
@@ -52,41 +65,93 @@ def special_tokens(tokenizer: Any, name: str) -> tuple[list[int], list[int]]:
     )
 
 
-def _init_encoder(tokenizer_name: str, chat: bool, in_pool: bool) -> None:
-    global _TOKENIZER, _CHAT
+def render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+    """The chat template's text of `messages` (with the assistant's header after them if `generation_prompt`)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, [start, end) character spans of each assistant turn's content and end-of-turn text).
+
+    Raises ValueError when the template does not render the conversation prefix by prefix."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before, through = render(tokenizer, messages[:i], True), render(tokenizer, messages[: i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(
+                f"the chat template does not render this conversation prefix by prefix (assistant message {i}), so "
+                "its assistant tokens cannot be found; pass --loss-on all"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def has_generation_prompt(tokenizer: Any) -> bool:
+    """Whether the template writes an assistant header for add_generation_prompt (else the header is a loss token)."""
+    probe = [{"role": "user", "content": "hello"}]
+    return render(tokenizer, probe, True) != render(tokenizer, probe)
+
+
+def spans_to_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """uint8 per token: 1 where the token's characters [start, end) overlap a span."""
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    if offsets and spans:
+        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        for a, b in spans:
+            mask |= (bounds[:, 0] < b) & (bounds[:, 1] > a)
+    return mask
+
+
+def _init_encoder(tokenizer_name: str, chat: bool, mask: bool, in_pool: bool) -> None:
+    global _TOKENIZER, _CHAT, _MASK
     if in_pool:  # K processes already; the tokenizer's own thread pool would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from transformers import AutoTokenizer
 
     _TOKENIZER = AutoTokenizer.from_pretrained(tokenizer_name)
-    _CHAT = chat
+    _CHAT, _MASK = chat, mask
 
 
-def _encode(values: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """-> (all ids concatenated as int64, per-document lengths). Flat arrays pickle fast.
+def _encode(values: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """-> (all ids concatenated as int64, per-document lengths, their uint8 loss mask or None). Flat
+    arrays pickle fast.
 
     Special tokens are added by the caller (see `special_tokens`), so an empty text stays empty."""
-    if _CHAT:
-        texts = [_TOKENIZER.apply_chat_template(m, tokenize=False) for m in values]
+    spans: list[list[tuple[int, int]]] = []
+    if _MASK:
+        rendered = [assistant_spans(_TOKENIZER, m) for m in values]
+        texts, spans = [text for text, _ in rendered], [span for _, span in rendered]
+    elif _CHAT:
+        texts = [render(_TOKENIZER, m) for m in values]
     else:
         texts = values
-    ids = _TOKENIZER(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    enc = _TOKENIZER(texts, add_special_tokens=False, return_attention_mask=False, return_offsets_mapping=_MASK)
+    ids = enc["input_ids"]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    return flat, lengths
+    if not _MASK:
+        return flat, lengths, None
+    masks = [spans_to_mask(o, s) for o, s in zip(enc["offset_mapping"], spans)]
+    return flat, lengths, np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
 
 
 def encoded_batches(
     sources: list[Source], args: argparse.Namespace, tokenizer_name: str
-) -> Iterator[tuple[Source, int, np.ndarray, np.ndarray]]:
-    """Encode batches in order, with at most 2*K batches in flight (bounded memory on huge inputs)."""
+) -> Iterator[tuple[Source, int, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Encode batches in order, with at most 2*K batches in flight (bounded memory on huge inputs).
+
+    Yields (source, first row, ids, lengths, loss mask or None); the mask with args.loss_on == "assistant"."""
+    mask = args.loss_on == "assistant"
 
     def tasks() -> Iterator[tuple[Source, int, list[Any]]]:
         for src in sources:
             for row, values in iter_batches(src, args):
                 yield src, row, values
 
-    def encoded(src: Source, row: int, n: int, encode) -> tuple[Source, int, np.ndarray, np.ndarray]:
+    def encoded(src: Source, row: int, n: int, encode) -> tuple[Source, int, np.ndarray, np.ndarray, np.ndarray | None]:
         try:
             return (src, row, *encode())
         except Exception as e:  # e.g. a chat template that cannot render a row's messages
@@ -95,13 +160,13 @@ def encoded_batches(
             ) from e
 
     if args.num_proc <= 1:
-        _init_encoder(tokenizer_name, args.chat, in_pool=False)
+        _init_encoder(tokenizer_name, args.chat, mask, in_pool=False)
         for src, row, values in tasks():
             yield encoded(src, row, len(values), lambda: _encode(values))
         return
     # fork (where available) before any dataset reader thread starts: workers inherit the imports
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(args.num_proc, initializer=_init_encoder, initargs=(tokenizer_name, args.chat, True)) as pool:
+    with ctx.Pool(args.num_proc, initializer=_init_encoder, initargs=(tokenizer_name, args.chat, mask, True)) as pool:
         pending: deque = deque()
         for src, row, values in tasks():
             pending.append((src, row, len(values), pool.apply_async(_encode, (values,))))

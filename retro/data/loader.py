@@ -6,6 +6,12 @@ order lives entirely in `MixtureBatchSampler`, which runs in the main process; w
 tokens. Hence the loader's state is the sampler's few integers, and it resumes exactly, with any
 number of workers (also a different number than the run that saved it).
 
+Loss masks: a source prepared with a loss mask (`retro.data.prepare --chat`) sets the label of
+position t to IGNORE_INDEX (-100) where token t + 1, the token it predicts, is not a loss token, so
+every loss (the trainer's, validation's, distillation's) skips it without knowing about masks. The
+mask is read by window id like the ids, so it is packed, resumed and mixed exactly as they are;
+sources without a mask count every label.
+
 Every batch's ids are checked against the vocabulary as it is read (one max() over the batch):
 an id beyond it, from a shard corrupted without changing its size, raises ShardFormatError naming
 the shard file and offset instead of an IndexError in the embedding mid-run. Checksums are not
@@ -29,6 +35,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from retro.data.manifest import ShardFormatError
 from retro.data.mixture import MixtureBatchSampler
 from retro.data.shards import TokenShards, Verify
+from retro.model.loss import IGNORE_INDEX
 
 log = logging.getLogger("retro.data.loader")
 
@@ -84,6 +91,7 @@ class PackedWindows(torch.utils.data.Dataset):
         self.num_windows = [s.num_windows(seq_len) for s in self.sources]
         self.offsets = np.concatenate([[0], np.cumsum(self.num_windows)]).astype(np.int64)
         self.vocab_size = min(s.vocab_size for s in self.sources)  # every id read must stay below it
+        self.masked = any(s.masked for s in self.sources)
         self.sampler: MixtureBatchSampler | None = None  # set by build_train_loader, for reporting
 
     def __len__(self) -> int:
@@ -94,16 +102,22 @@ class PackedWindows(torch.utils.data.Dataset):
         t = self.seq_len
         rows = np.empty((len(ids), t + 1), dtype=np.int64)
         pos = np.empty((len(ids), t), dtype=np.int64) if self.doc_positions else None
+        masks = np.empty((len(ids), t), dtype=np.uint8) if self.masked else None
         for r, gid in enumerate(ids):
             s = int(np.searchsorted(self.offsets, gid, side="right")) - 1
             start = (int(gid) - int(self.offsets[s])) * t
             self.sources[s].read(start, t + 1, out=rows[r])
+            if masks is not None:  # the mask of the label side: tokens start + 1 .. start + t
+                self.sources[s].read_mask(start + 1, t, out=masks[r])
             if pos is not None:
                 pos[r] = _positions(self.sources[s].doc_starts(start + 1, start + t), start, t)
         if rows.size and int(rows.max()) >= self.vocab_size:  # one vectorised pass per batch
             raise self._out_of_vocabulary(rows, ids)
         x = torch.from_numpy(rows)
-        batch = {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+        labels = x[:, 1:]
+        if masks is not None:
+            labels = labels.masked_fill(torch.from_numpy(masks) == 0, IGNORE_INDEX)
+        batch = {"input_ids": x[:, :-1], "labels": labels}
         if pos is not None:
             batch["position_ids"] = torch.from_numpy(pos)
         return batch
@@ -212,8 +226,9 @@ def build_train_loader(
 ) -> ShardLoader:
     """Endless, deterministic, resumable loader of {"input_ids", "labels"[, "position_ids"]} [B, T].
 
-    batch_size is per rank. weights=None weighs sources equally. Every rank must pass the same
-    sources, weights, seq_len, batch_size and seed.
+    Labels are IGNORE_INDEX where a source's loss mask excludes the predicted token. batch_size is per
+    rank. weights=None weighs sources equally. Every rank must pass the same sources, weights,
+    seq_len, batch_size and seed.
     """
     if not sources:
         raise ValueError("build_train_loader: no sources given")
@@ -223,6 +238,9 @@ def build_train_loader(
     sampler = MixtureBatchSampler(dataset.num_windows, weights, batch_size, rank, world_size, seed, names)
     dataset.sampler = sampler
     for name, n, s in zip(names, dataset.num_windows, shards):
+        if s.masked:
+            share = s.num_loss_tokens / max(s.num_tokens, 1)
+            log.info("%s: loss on the %s tokens only (%.1f%% of its tokens)", name, s.manifest.loss_on, 100 * share)
         tail = s.num_tokens - 1 - n * seq_len
         log.info(
             "%s: %d tokens -> %d windows of %d+1 (tail of %d tokens unused); %d windows per rank per epoch",

@@ -5,10 +5,12 @@ through `datasets`, encodes batches with the tokenizer's fast batch encoder in K
 adds the tokenizer's special tokens to each document (what `add_special_tokens=True` adds: a BOS
 for Llama-family tokenizers, nothing for GPT-2; `--no-add-special-tokens` turns it off), appends
 EOS and writes `{split}-NNNNN.bin` token shards, `.idx` document offsets and `manifest.json` (see
-`retro.data.manifest`). Everything is written into `.OUT.partial` and renamed to OUT at the end,
-so an interrupted or failed run never leaves a half-written OUT behind; re-running starts over
-cleanly. `--overwrite` replaces only a previous shard directory (one with a retro manifest) or an
-empty directory, never one that holds an input.
+`retro.data.manifest`). With `--chat` (`--loss-on assistant`, its default) a `.mask` file per shard
+marks the assistant's tokens, the only ones the loss counts (`retro.data.encode`); the BOS and EOS
+that prepare adds around each conversation are not loss tokens. Everything is written into
+`.OUT.partial` and renamed to OUT at the end, so an interrupted or failed run never leaves a
+half-written OUT behind; re-running starts over cleanly. `--overwrite` replaces only a previous
+shard directory (one with a retro manifest) or an empty directory, never one that holds an input.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from retro.data.encode import encoded_batches, load_tokenizer, special_tokens
+from retro.data.encode import encoded_batches, has_generation_prompt, load_tokenizer, special_tokens
 from retro.data.manifest import (
     DOC_INDEX_DTYPE,
     FORMAT_NAME,
+    LOSS_ON,
     MANIFEST_NAME,
+    MASK_DTYPE,
     Manifest,
     ShardInfo,
     SplitInfo,
@@ -43,10 +47,12 @@ log = logging.getLogger("retro.data.prepare")
 
 # --- writing -----------------------------------------------------------------------------------
 class SplitWriter:
-    """Appends documents to `{split}-NNNNN.bin/.idx`, hashing while writing; docs never span shards."""
+    """Appends documents to `{split}-NNNNN.bin/.idx` (and `.mask` when masked), hashing while writing;
+    docs never span shards."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, masked: bool) -> None:
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.masked = masked
         self.shards: list[ShardInfo] = []
         self._open_new = True
 
@@ -55,12 +61,16 @@ class SplitWriter:
         self._name = f"{self.split}-{i:05d}"
         self._f = open(self.directory / f"{self._name}.bin", "wb")
         self._fi = open(self.directory / f"{self._name}.idx", "wb")
-        self._h, self._hi = hashlib.sha256(), hashlib.sha256()
-        self._tokens = self._docs = 0
+        self._fm = open(self.directory / f"{self._name}.mask", "wb") if self.masked else None
+        self._h, self._hi, self._hm = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        self._tokens = self._docs = self._loss_tokens = 0
         self._open_new = False
 
-    def add(self, docs: list[np.ndarray]) -> None:
-        for d in docs:
+    def add(self, docs: list[np.ndarray], masks: list[np.ndarray] | None = None) -> None:
+        """Append documents (and, in a masked split, their loss masks, one per document)."""
+        if self.masked != (masks is not None):
+            raise ValueError(f"{self.split}: documents {'without' if self.masked else 'with'} loss masks")
+        for k, d in enumerate(docs):
             if self._open_new:
                 self._start()
             b = d.astype(self.dtype, copy=False).tobytes()
@@ -69,6 +79,11 @@ class SplitWriter:
             self._h.update(b)
             self._fi.write(off)
             self._hi.update(off)
+            if masks is not None:
+                m = masks[k].astype(MASK_DTYPE, copy=False)
+                self._fm.write(m.tobytes())
+                self._hm.update(m.tobytes())
+                self._loss_tokens += int(np.count_nonzero(m))
             self._tokens += len(d)
             self._docs += 1
             if self._tokens >= self.shard_tokens:
@@ -77,6 +92,10 @@ class SplitWriter:
     def _close(self) -> None:
         self._f.close()
         self._fi.close()
+        mask = {}
+        if self._fm is not None:
+            self._fm.close()
+            mask = dict(mask_file=f"{self._name}.mask", mask_sha256=self._hm.hexdigest(), loss_tokens=self._loss_tokens)
         self.shards.append(
             ShardInfo(
                 f"{self._name}.bin",
@@ -85,6 +104,7 @@ class SplitWriter:
                 self._docs,
                 self._h.hexdigest(),
                 self._hi.hexdigest(),
+                **mask,
             )
         )
         self._open_new = True
@@ -130,6 +150,8 @@ def _is_shard_directory(path: Path) -> bool:
 def prepare(args: argparse.Namespace) -> Manifest:
     """Run the whole pipeline; returns the manifest written to args.out."""
     out = Path(args.out)
+    if args.loss_on is None:
+        args.loss_on = "assistant" if args.chat else "all"
     if not 0.0 <= args.val_fraction <= 0.5:
         raise ValueError(f"--val-fraction must be in [0, 0.5], got {args.val_fraction}")
     sources = resolve_inputs(args.input)
@@ -139,6 +161,19 @@ def prepare(args: argparse.Namespace) -> Manifest:
         raise ValueError(f"tokenizer {args.tokenizer!r} has no EOS token; pass --no-append-eos")
     if args.chat and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"--chat: tokenizer {args.tokenizer!r} has no chat template")
+    if args.loss_on == "assistant":
+        if not args.chat:
+            raise ValueError("--loss-on assistant needs --chat (plain text has no assistant turns)")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"--loss-on assistant: tokenizer {args.tokenizer!r} is not a fast tokenizer (no character offsets to "
+                "find the assistant's tokens); pass --loss-on all"
+            )
+        if not has_generation_prompt(tokenizer):
+            log.warning(
+                "--loss-on assistant: the chat template writes no generation prompt, so each assistant turn's "
+                "header (whatever it writes before the content) counts as loss tokens"
+            )
     prefix, suffix = special_tokens(tokenizer, args.tokenizer) if args.add_special_tokens else ([], [])
     if prefix or suffix:
         log.info("the tokenizer's special tokens around each document: %s ... %s", prefix, suffix)
@@ -158,12 +193,14 @@ def _write_shards(
     # Each document: prefix (e.g. BOS), its ids, suffix, EOS (once, if the tokenizer's suffix lacks it).
     tail = suffix + ([eos_id] if args.append_eos and suffix[-1:] != [eos_id] else [])
     head_ids, tail_ids = np.array(prefix, dtype=np.int64), np.array(tail, dtype=np.int64)
+    head_mask, tail_mask = np.zeros(len(prefix), dtype=MASK_DTYPE), np.zeros(len(tail), dtype=MASK_DTYPE)
     period = round(1 / args.val_fraction) if args.val_fraction > 0 else 0
-    writers = {s: SplitWriter(tmp, s, dtype, args.shard_tokens) for s in ("train", "val")}
+    masked = args.loss_on == "assistant"
+    writers = {s: SplitWriter(tmp, s, dtype, args.shard_tokens, masked) for s in ("train", "val")}
     doc_index = skipped = 0
     bar = tqdm(unit="tok", unit_scale=True, desc=f"prepare {Path(args.out).name}", disable=args.quiet or None)
     try:
-        for src, row, flat, lengths in encoded_batches(sources, args, args.tokenizer):
+        for src, row, flat, lengths, flat_mask in encoded_batches(sources, args, args.tokenizer):
             if flat.size and (flat.max() >= vocab_size or flat.min() < 0):
                 bad = int(flat.max() if flat.max() >= vocab_size else flat.min())
                 raise ValueError(
@@ -171,8 +208,11 @@ def _write_shards(
                     f"vocabulary of {args.tokenizer!r} (len {vocab_size}); the tokenizer is inconsistent"
                 )
             split_docs: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+            split_masks: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             written = 0
-            for d in np.split(flat, np.cumsum(lengths)[:-1]):
+            cuts = np.cumsum(lengths)[:-1]
+            doc_masks = np.split(flat_mask, cuts) if masked else [None] * len(lengths)
+            for d, m in zip(np.split(flat, cuts), doc_masks):
                 if d.size == 0:
                     skipped += 1
                     continue
@@ -181,18 +221,25 @@ def _write_shards(
                     head = head_ids[:0]  # the chat template wrote the BOS itself: never two
                 if head.size or tail_ids.size:
                     d = np.concatenate([head, d, tail_ids])
+                    m = np.concatenate([head_mask[: head.size], m, tail_mask]) if masked else None
                 split = "val" if period and doc_index % period == period - 1 else "train"
                 split_docs[split].append(d)
+                split_masks[split].append(m)
                 written += d.size
                 doc_index += 1
             for split, docs in split_docs.items():
-                writers[split].add(docs)
+                writers[split].add(docs, split_masks[split] if masked else None)
             bar.update(written)
     finally:
         bar.close()
         splits = {s: w.finish() for s, w in writers.items()}
     if splits["train"].num_tokens == 0:
         raise ValueError(f"{', '.join(s.name for s in sources)}: empty input, no tokens to write")
+    if masked and splits["train"].num_loss_tokens == 0:
+        raise ValueError(
+            f"{', '.join(s.name for s in sources)}: no assistant tokens in the train split (no message has role "
+            "'assistant'?); nothing to train on with --loss-on assistant"
+        )
     if period and splits["val"].num_docs == 0:
         log.warning("val split is empty: fewer than %d documents (val_fraction %s)", period, args.val_fraction)
     bos_id = tokenizer.bos_token_id
@@ -211,6 +258,7 @@ def _write_shards(
         skipped_empty_docs=skipped,
         add_special_tokens=args.add_special_tokens,
         bos_id=bos_id if bos_id is not None and bos_id in prefix else None,
+        loss_on=args.loss_on,
     )
     manifest.save(tmp)
 
@@ -251,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat",
         action="store_true",
         help="render a list of {role, content} messages with the tokenizer's chat template",
+    )
+    p.add_argument(
+        "--loss-on",
+        choices=LOSS_ON,
+        default=None,
+        help="which tokens the loss counts: with --chat, 'assistant' (the default) stores a mask of the "
+        "assistant's tokens beside the ids; 'all' counts every token (the only choice without --chat)",
     )
     p.add_argument(
         "--txt-sample-by",

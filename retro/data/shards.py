@@ -11,8 +11,9 @@ How much is checked (`Verify`):
   per batch, `retro.data.loader.PackedWindows`), so an id that a same-size corruption pushed
   beyond the vocabulary stops the run with the shard file and offset, not an IndexError in the
   embedding hours in.
-- "full": also every SHA-256 checksum and the id range of every shard, before the first step
-  (reads all data once). Use it for long runs: a same-size corruption whose ids stay inside the
+- "full": also every SHA-256 checksum, the id range of every shard and, in a masked set, that
+  every mask byte is 0 or 1 and their sum is the manifest's loss-token count, before the first
+  step (reads all data once). Use it for long runs: a same-size corruption whose ids stay inside the
   vocabulary is otherwise trained on silently. `python -m retro.data.inspect_shards DIR --verify`
   runs the same check by hand.
 """
@@ -25,7 +26,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from retro.data.manifest import DOC_INDEX_DTYPE, Manifest, ShardFormatError, ShardInfo, file_sha256, vocab_hash
+from retro.data.manifest import (
+    DOC_INDEX_DTYPE,
+    MASK_DTYPE,
+    Manifest,
+    ShardFormatError,
+    ShardInfo,
+    file_sha256,
+    vocab_hash,
+)
 
 Verify = Literal["none", "size", "full"]
 
@@ -50,6 +59,7 @@ class TokenShards:
         self.num_tokens = int(self.shard_starts[-1])
         self.num_docs = sum(s.num_docs for s in self.shards)
         self._tokens: list[np.memmap] | None = None
+        self._masks: list[np.memmap] | None = None
         self._doc_index: list[np.ndarray] | None = None
         if verify != "none":
             self.verify_sizes()
@@ -74,6 +84,15 @@ class TokenShards:
     def vocab_hash(self) -> str:
         return self.manifest.vocab_hash
 
+    @property
+    def masked(self) -> bool:
+        """Whether a per-token loss mask is stored (`read_mask`); without one every token counts."""
+        return self.manifest.masked
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return self.manifest.splits[self.split].num_loss_tokens
+
     def __repr__(self) -> str:
         return (
             f"TokenShards({str(self.directory)!r}, split={self.split!r}, tokens={self.num_tokens}, dtype={self.dtype})"
@@ -83,10 +102,13 @@ class TokenShards:
     def verify_sizes(self) -> None:
         """Cheap check (no data read) that catches truncated, missing or swapped files."""
         for s in self.shards:
-            for name, expect in (
+            files = [
                 (s.file, s.num_tokens * self.dtype.itemsize),
                 (s.index_file, s.num_docs * DOC_INDEX_DTYPE.itemsize),
-            ):
+            ]
+            if s.mask_file is not None:
+                files.append((s.mask_file, s.num_tokens * MASK_DTYPE.itemsize))
+            for name, expect in files:
                 p = self.directory / name
                 if not p.is_file():
                     raise ShardFormatError(f"{p}: file listed in {self.manifest.path} is missing")
@@ -100,7 +122,10 @@ class TokenShards:
     def verify_checksums(self) -> None:
         """Reads every byte: catches altered files whose size is unchanged."""
         for s in self.shards:
-            for name, expect in ((s.file, s.sha256), (s.index_file, s.index_sha256)):
+            files = [(s.file, s.sha256), (s.index_file, s.index_sha256)]
+            if s.mask_file is not None:
+                files.append((s.mask_file, s.mask_sha256))
+            for name, expect in files:
                 p = self.directory / name
                 got = file_sha256(p)
                 if got != expect:
@@ -135,6 +160,18 @@ class TokenShards:
                 raise ShardFormatError(
                     f"{self.directory / s.file}: token id {top} is beyond the vocabulary size {limit}"
                 )
+            if s.mask_file is not None:
+                self._verify_mask(i, s)
+
+    def _verify_mask(self, i: int, s: ShardInfo) -> None:
+        mask = self._mask_maps()[i]
+        if int(mask.max()) > 1:
+            raise ShardFormatError(f"{self.directory / s.mask_file}: holds {int(mask.max())}; a loss mask is 0 or 1")
+        ones = int(np.count_nonzero(mask))
+        if ones != s.loss_tokens:
+            raise ShardFormatError(
+                f"{self.directory / s.mask_file}: {ones} loss tokens, the manifest says {s.loss_tokens}; re-run prepare"
+            )
 
     # --- reading -------------------------------------------------------------------------------
     def _maps(self) -> list[np.memmap]:
@@ -146,6 +183,16 @@ class TokenShards:
                 for s in self.shards
             ]
         return self._tokens
+
+    def _mask_maps(self) -> list[np.memmap]:
+        if self._masks is None:
+            self._masks = [
+                np.memmap(self.directory / s.mask_file, dtype=MASK_DTYPE, mode="r", shape=(s.num_tokens,))
+                if s.num_tokens
+                else np.zeros(0, dtype=MASK_DTYPE)
+                for s in self.shards
+            ]
+        return self._masks
 
     def _docs(self) -> list[np.ndarray]:
         if self._doc_index is None:
@@ -160,16 +207,30 @@ class TokenShards:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_tokens"] = None
+        state["_masks"] = None
         state["_doc_index"] = None
         return state
 
     def read(self, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
         """Tokens [start, start+length) of the concatenated split, copied into `out` (any int dtype)."""
+        return self._read(self._maps(), start, length, np.empty(length, self.dtype) if out is None else out)
+
+    def read_mask(self, start: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Loss mask of tokens [start, start+length) (1 = counts in the loss); all ones without a mask."""
+        out = np.empty(length, dtype=MASK_DTYPE) if out is None else out
+        if self.masked:
+            return self._read(self._mask_maps(), start, length, out)
+        self._check_range(start, length)
+        out[:length] = 1
+        return out
+
+    def _check_range(self, start: int, length: int) -> None:
         if start < 0 or start + length > self.num_tokens:
             raise IndexError(f"read [{start}, {start + length}) outside {self!r}")
-        if out is None:
-            out = np.empty(length, dtype=self.dtype)
-        maps = self._maps()
+
+    def _read(self, maps: list[np.ndarray], start: int, length: int, out: np.ndarray) -> np.ndarray:
+        """Elements [start, start+length) of the per-shard arrays `maps` read as one stream, into `out`."""
+        self._check_range(start, length)
         i = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
         pos, done = start, 0
         while done < length:
@@ -199,12 +260,21 @@ class TokenShards:
 
     def document(self, k: int) -> np.ndarray:
         """The k-th document (with its EOS if appended), for inspection and tests."""
+        return self._document(self._maps(), k)
+
+    def document_mask(self, k: int) -> np.ndarray:
+        """The loss mask of the k-th document (all ones without a mask)."""
+        if not self.masked:
+            return np.ones(len(self.document(k)), dtype=MASK_DTYPE)
+        return self._document(self._mask_maps(), k)
+
+    def _document(self, maps: list[np.ndarray], k: int) -> np.ndarray:
         docs = self._docs()
         for i, s in enumerate(self.shards):
             if k < s.num_docs:
                 begin = int(docs[i][k])
                 end = int(docs[i][k + 1]) if k + 1 < s.num_docs else s.num_tokens
-                return np.asarray(self._maps()[i][begin:end])
+                return np.asarray(maps[i][begin:end])
             k -= s.num_docs
         raise IndexError(f"document index out of range for {self!r}")
 

@@ -4,8 +4,9 @@
 `fit` loads the checkpoint first (as torchtitan's `train()` does), prepares the run directory, then
 repeats step -> decide -> act. One optimizer step: the recurrence of each micro-batch (n no-grad + k
 grad passes) from the schedule, the same on every rank; gradient accumulation with gradient sync on
-the last micro-batch only; clipping; a non-finite step is skipped, not applied; LR schedule; metrics.
-When to save is the Checkpointer's decision, what to save is the TrainState's.
+the last micro-batch only, the loss a mean over the step's loss tokens on all ranks; clipping; a
+non-finite step is skipped, not applied; LR schedule; metrics. When to save is the Checkpointer's
+decision, what to save is the TrainState's.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from retro.distributed.hardware import peak_flops
-from retro.distributed.setup import DistInfo, all_reduce_mean, build_mesh, compute_dtype
+from retro.distributed.setup import DistInfo, all_reduce_mean, all_reduce_sum, build_mesh, compute_dtype
 from retro.model.config import RetroConfig
 from retro.model.flops import FlopModel
+from retro.model.loss import IGNORE_INDEX
 from retro.optim import build_optimizer
 from retro.optim.build import rebase_learning_rates, scheduler_for
 from retro.training.checkpoint import Checkpointer, complete_checkpoints
@@ -136,10 +138,22 @@ class Trainer:
             )
         return bool(agreed[-1].item())
 
-    def forward_backward(self, batch: dict, step: int, micro: int, draw: Draw) -> torch.Tensor:
-        """One micro-batch: loss / accumulation backpropagated through the last k of n + k passes.
+    def loss_weights(self, batches: list[dict]) -> torch.Tensor:
+        """Per micro-batch: its loss tokens x ranks / the step's loss tokens on all ranks (one all-reduce).
 
-        Returns [loss, *the objective's parts] / accumulation, detached.
+        The model's loss is a mean over a micro-batch's loss tokens (labels not IGNORE_INDEX); weighted so,
+        and averaged over ranks by the gradient reduction, the step's gradient is that of the mean over every
+        loss token of the step, however unevenly a loss mask spreads them over micro-batches and ranks.
+        Without masks every weight is 1 / accumulation. A step without any loss token gets weights 0.
+        """
+        counts = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).to(self.info.device)
+        total = all_reduce_sum(counts.sum().double())
+        return (counts.double() * self.info.world_size / total.clamp(min=1)).float()
+
+    def forward_backward(self, batch: dict, step: int, micro: int, draw: Draw, weight: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: loss x weight (`loss_weights`) backpropagated through the last k of n + k passes.
+
+        Returns [loss, *the objective's parts] x weight, detached.
         """
         device = self.info.device
         autocast = self.dtype != torch.float32 and self.mesh is None  # FSDP2 casts through its mixed precision
@@ -156,9 +170,9 @@ class Trainer:
                 loss_fn=head_loss,
             ).loss
         self.objective.release()
-        (loss / self.accumulation).backward()
+        (loss * weight).backward()
         loss = loss.detach().float()
-        return torch.stack([loss, *self.objective.parts(head_loss, loss)]) / self.accumulation
+        return torch.stack([loss, *self.objective.parts(head_loss, loss)]) * weight
 
     def train_step(self, step: int, signals: SignalFlag) -> tuple[dict, bool]:
         """Optimizer step `step` (0-based): its metrics record ("skipped" if not finite), and whether any
@@ -168,11 +182,13 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         draws = self.recurrence.draws(step, self.accumulation)
+        batches = [next(self.batches) for _ in draws]
+        weights = self.loss_weights(batches)
         loss_sum = torch.zeros(1 + len(self.objective.part_names), device=device)
-        for micro, draw in enumerate(draws):
+        for micro, (draw, batch) in enumerate(zip(draws, batches)):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == self.accumulation - 1)
-            loss_sum += self.forward_backward(next(self.batches), step, micro, draw)
+            loss_sum += self.forward_backward(batch, step, micro, draw, weights[micro])
         signalled = self._agree(draws, signals)
         losses = dict(zip(("loss", *self.objective.part_names), all_reduce_mean(loss_sum).tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.job.train.grad_clip)

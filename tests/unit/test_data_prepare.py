@@ -312,10 +312,14 @@ def test_no_bos_tokenizer_unchanged(tmp_path, tok16):
 def test_chat_template_with_bos_gets_one_bos(tmp_path):
     tok = bos_tokenizer(tmp_path / "tok", chat=True)
     src = tmp_path / "chat.jsonl"
-    src.write_text(json.dumps({"messages": [{"role": "user", "content": "w1"}]}) + "\n")
+    chat = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
+    src.write_text(json.dumps({"messages": chat}) + "\n")
     s = TokenShards(prepare_dir(tmp_path / "out", [src], tok, "--chat", "--val-fraction", "0"))
     doc = s.document(0).tolist()
     assert doc[0] == 2 and doc.count(2) == 1 and doc[-1] == 1
+    # [BOS] <|user|> w1 <|assistant|> w2 [EOS]: the BOS and EOS are no loss tokens (this template has no
+    # generation prompt, so the assistant's header counts)
+    assert s.document_mask(0).tolist() == [0, 0, 0, 1, 1, 0]
 
 
 def test_manifest_without_special_token_fields_reads_as_false(prepared16, tmp_path):
