@@ -9,7 +9,7 @@ gsm8k/train.jsonl, wikitext2_raw/wiki.test.raw), --work (or $RETRO_WORK_DIR, els
 Two questions, each against the paper's (6,10,6) recipe of benchmarks.real_retrofit (Muon, 1-sqrt to M = 4,
 20 steps x 2,048 GSM8K tokens, 2 gloo ranks), at equal steps, two seeds:
   1. Distillation: the same run with the frozen source model (all 30 layers) as teacher, loss =
-     (1 - a) CE + a T^2 KL, a = 0.5, T = 1 (fixed beforehand). Forgetting = WikiText-2 loss after
+     (1 - w) CE + w T^2 KL, w = distill.kd_weight = 0.5, T = 1 (fixed beforehand). Forgetting = WikiText-2 loss after
      post-training (general text, never trained on); the task = held-out GSM8K loss. Step time side by
      side: short runs with and without the teacher, interleaved.
   2. Layers: python -m retro.select_layers on GSM8K train windows, twice: --shape 6,10,6 (which 10-layer
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--kd-weight", type=float, default=0.5, help="distill.kd_weight: the KD term's weight")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--eval-batches", type=int, default=16, help="val batches of 4 x 256 tokens per loss")
     p.add_argument("--timing-steps", type=int, default=6, help="steps of each side-by-side timing run")
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = convert_model(stages, gguf, "static", static=True)  # the unmodified source: every layer kept
     paper = convert_model(stages, gguf, "shape_6106", shape=SHAPE)
     data = prepare_data(stages, teacher, shared)
-    kd = [f"--distill.teacher={teacher}", f"--distill.alpha={args.alpha}", f"--distill.temperature={args.temperature}"]
+    kd = [f"--distill.teacher={teacher}", f"--distill.kd_weight={args.kd_weight}"]
+    kd += [f"--distill.temperature={args.temperature}"]
 
     runs: dict[str, dict[int, dict]] = {}
 
@@ -219,7 +220,7 @@ def report(args, seeds, proposals, surgery, after, runs, timing, teacher, paper,
             "shape": SHAPE,
             "steps": args.steps,
             "seeds": seeds,
-            "alpha": args.alpha,
+            "kd_weight": args.kd_weight,
             "temperature": args.temperature,
             "eval_tokens": args.eval_batches * 4 * 256,
             "calibration_tokens": args.calibration_tokens,
@@ -242,7 +243,7 @@ def markdown(p: dict) -> str:
     s, post, sr = p["settings"], p["post_training"], p["surgery_r1"]
     names = {
         "paper": "paper's rule 0-5,14-23,24-29, CE",
-        "distill": f"paper's rule, distilled (a = {s['alpha']}, T = {s['temperature']})",
+        "distill": f"paper's rule, distilled (kd_weight = {s['kd_weight']}, T = {s['temperature']})",
     } | {f"layers_{k}": f"{k} proposal {v['layers']}, CE" for k, v in p["layers"].items()}
     lines = [
         "# Distillation and layer choice: SmolLM2-135M-Instruct as (6,10,6)",

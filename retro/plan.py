@@ -21,6 +21,7 @@ from retro.planning.report import format_plan, plan
 from retro.planning.shapes import PRESETS, model_shape
 from retro.training.distill import check_teacher
 from retro.training.job_config import ConfigError, load_config, split_cli_overrides
+from retro.training.preflight import check_draw_groups
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"train.global_batch = {job.train.global_batch} is not divisible by train.micro_batch x --gpus = "
                 f"{job.train.micro_batch} x {args.gpus}: retro.train would refuse this split; change one of them"
             )
+        check_draw_groups(job, args.gpus, "GPUs")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
         model_config = model_shape(job, args.model_config, args.preset)

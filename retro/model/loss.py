@@ -38,7 +38,7 @@ class Teacher:
 
     hidden: torch.Tensor  # [N, h_teacher], no grad
     weight: torch.Tensor  # [V, h_teacher]
-    alpha: float  # weight of the KD term; 1 - alpha weighs CE
+    kd_weight: float  # weight of the KD term; 1 - kd_weight weighs CE
     temperature: float
 
 
@@ -68,7 +68,7 @@ def _chunked(
     ce_sum = hidden.new_zeros((), dtype=torch.float32)
     kd_sum = hidden.new_zeros((), dtype=torch.float32)
     if teacher is not None:
-        a, temp = teacher.alpha, teacher.temperature
+        a, temp = teacher.kd_weight, teacher.temperature
         w_teacher = teacher.weight.to(dtype)
     off = autocast_dtype(hidden.device) is not None
     with torch.autocast(hidden.device.type, enabled=False) if off else contextlib.nullcontext():

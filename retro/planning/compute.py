@@ -32,7 +32,7 @@ def run_flops(job: JobConfig, flops: FlopModel, teacher_per_token: float = 0.0) 
         m = schedule.mean_at(step)
         if m not in phases:
             er, ek = schedule.expected_r(step), schedule.expected_k(step)
-            tail_r = r_quantile(m, schedule.sigma, TAIL, schedule.cap)
+            tail_r = round(er) if schedule.fixed else r_quantile(m, schedule.sigma, TAIL, schedule.cap)
             tail_n, tail_k = max(tail_r - schedule.depth_at(step), 0), min(tail_r, schedule.depth_at(step))
             phases[m] = {
                 "mean": m,

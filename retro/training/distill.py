@@ -3,8 +3,8 @@
 The teacher (the unmodified source model, or any model with the student's tokenizer) runs forward
 only, under no_grad, sharded with FSDP2 like the student and in the same compute dtype. It hands the
 student its final hidden states and its head weight, and the student's head loss computes both
-models' logits chunk by chunk (retro/model/loss.py): loss = (1 - a) * CE + a * T^2 * KL(teacher ||
-student). Forgetting is the reason: post-training on one domain costs general ability, and the
+models' logits chunk by chunk (retro/model/loss.py): loss = (1 - kd_weight) * CE + kd_weight * T^2 *
+KL(teacher || student). Forgetting is the reason: post-training on one domain costs general ability, and the
 source model's own distribution is the cheapest record of that ability.
 """
 
@@ -29,18 +29,24 @@ from retro.model.modeling import RetroForCausalLM
 from retro.model.rope import inverse_frequencies
 from retro.training.errors import ConfigError
 
+# keys of [distill] that were replaced, with what to write instead (job_config refuses them with this line)
+RETIRED = {
+    "alpha": "distill.alpha was renamed distill.kd_weight, the weight of the KD term (CE gets 1 - kd_weight): "
+    "retro's alpha = x is kd_weight = x; the paper's alpha weighs CE, so its alpha = a is kd_weight = 1 - a",
+}
+
 
 @dataclass
 class DistillSettings:
     """The run's `[distill]` section; an empty `teacher` turns distillation off."""
 
     teacher: str = ""  # a retro.convert/retro.export directory, a Hugging Face model directory or a .gguf file
-    alpha: float = 0.5  # weight of the KD term: loss = (1 - alpha) * CE + alpha * T^2 * KL
+    kd_weight: float = 0.5  # weight of the KD term: loss = (1 - kd_weight) * CE + kd_weight * T^2 * KL
     temperature: float = 1.0
 
     def validate(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"distill.kd_weight must be in [0, 1], got {self.kd_weight}")
         if not self.temperature > 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
 
@@ -153,7 +159,7 @@ def teacher_targets(
     """
     capture = _Capture()
     teacher(input_ids, shift_labels=labels, return_logits=False, loss_fn=capture, generator=generator)
-    return DistillationLoss(Teacher(capture.hidden, capture.weight, settings.alpha, settings.temperature))
+    return DistillationLoss(Teacher(capture.hidden, capture.weight, settings.kd_weight, settings.temperature))
 
 
 def release_teacher(teacher: RetroForCausalLM) -> None:

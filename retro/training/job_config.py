@@ -20,9 +20,11 @@ from retro.data.loader import DataSettings
 from retro.distributed.parallelize import ParallelSettings
 from retro.optim.build import OptimSettings
 from retro.training.checkpoint import CheckpointSettings
+from retro.training.distill import RETIRED as DISTILL_RETIRED
 from retro.training.distill import DistillSettings
 from retro.training.errors import ConfigError
 from retro.training.model_source import ModelSettings
+from retro.training.recurrence import RETIRED as RECURRENCE_RETIRED
 from retro.training.recurrence import RecurrenceSettings
 from retro.training.settings import TrainSettings
 
@@ -30,6 +32,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+# section -> {retired key: the one line that says what to write instead}; each table lives beside its section
+RETIRED = {"recurrence": RECURRENCE_RETIRED, "distill": DISTILL_RETIRED}
 
 
 @dataclass
@@ -92,6 +98,8 @@ def _set(config: JobConfig, section: str, key: str, value: Any) -> None:
         raise ConfigError(f"unknown config section [{section}]; sections: {', '.join(sections)}")
     target = getattr(config, section)
     hints = typing.get_type_hints(type(target))
+    if key in RETIRED.get(section, {}):
+        raise ConfigError(RETIRED[section][key])
     if key not in hints:
         raise ConfigError(f"unknown config key {section}.{key}; keys of [{section}]: {', '.join(hints)}")
     setattr(target, key, _coerce(f"{section}.{key}", hints[key], value))

@@ -47,7 +47,7 @@ class CrossEntropy:
 
 
 class Distillation:
-    """(1 - a) CE + a T^2 KL(teacher || student); logs the CE and KD parts (retro/training/distill.py)."""
+    """(1 - w) CE + w T^2 KL(teacher || student), w = distill.kd_weight; logs the CE and KD parts (distill.py)."""
 
     part_names = ("ce", "kd")
 

@@ -16,6 +16,7 @@ from retro.model.config import RetroConfig
 from retro.training.distill import check_teacher
 from retro.training.errors import ConfigError
 from retro.training.job_config import JobConfig
+from retro.training.recurrence import draw_group_size
 from retro.training.run_lock import LOCK_NAME
 
 
@@ -30,6 +31,7 @@ def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int
             f"train.global_batch = {job.train.global_batch} is not divisible by train.micro_batch x ranks "
             f"= {job.train.micro_batch} x {world_size}"
         )
+    check_draw_groups(job, world_size)
     check_positions(job.data.seq_len, model_config, f"the model's ({job.model.path})")
     if job.distill.enabled:
         teacher = check_teacher(job.distill, model_config)  # exists, same vocabulary: before any weight is read
@@ -49,6 +51,21 @@ def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int
                     "re-run retro.data.prepare with it, or set data.allow_tokenizer_mismatch = true if the two "
                     "tokenizers are known to agree"
                 ) from None
+
+
+def check_draw_groups(job: JobConfig, ranks: int, ranks_name: str = "ranks") -> None:
+    """recurrence.draws_per_step must divide the micro-batches each rank runs per step (after the batch check),
+    else two ranks would run different r at one micro index; the error names the split and the ways out."""
+    t = job.train
+    accumulation = t.global_batch // (t.micro_batch * ranks)
+    try:
+        draw_group_size(job.recurrence.draws_per_step, accumulation)
+    except ValueError as error:
+        raise ConfigError(
+            f"recurrence.{error} (train.global_batch {t.global_batch} / (train.micro_batch {t.micro_batch} x "
+            f"{ranks} {ranks_name})); choose a draws_per_step that divides {accumulation}, or use fewer ranks or "
+            "a smaller train.micro_batch"
+        ) from None
 
 
 def check_positions(seq_len: int, config: RetroConfig, whose: str) -> None:

@@ -1,6 +1,6 @@
 """The training-time recurrence sampler and its curriculum (PAPER.md, "Training").
 
-At each optimizer step the number of recurrences r is drawn from a Poisson-lognormal:
+For each micro-batch the number of recurrences r is drawn from a Poisson-lognormal:
 
     lambda ~ LogNormal(ln(m) - sigma^2 / 2, sigma)      (so E[lambda] = m)
     r      = 1 + Poisson(lambda)                          (so E[r] = m + 1)
@@ -8,14 +8,26 @@ At each optimizer step the number of recurrences r is drawn from a Poisson-logno
 and split into n = max(r - s, 0) passes under no_grad followed by k = min(r, s) passes with
 gradient (truncated backprop). The backprop depth is s = min(backprop_depth, m): the paper's
 "s = 8 (s = m when m < 8)". That reading is the one that reproduces the paper's reference table:
-at m = 4, E[min(r, 4)] = 3.41 (the table's E[k]) whereas E[min(r, 8)] = 4.67.
+at m = 4, E[min(r, 4)] = 3.41 (the table's E[k]) whereas E[min(r, 8)] = 4.67. With `fixed`, r = m
+exactly (the paper's `fix_num_steps`, for ablations).
 
-The mean m follows a curriculum m(step) = max(1, ceil(M * f(step / W))), f(x) = 1 - sqrt(1 - x)
-("1-sqrt"), f(x) = x ("linear") or f = 1 ("none"); f = 1 once step >= W.
+The mean m follows a curriculum m(step) = max(start_mean, ceil(M * f(step / W))), f(x) = 1 - sqrt(1 - x)
+("1-sqrt"), f(x) = x ("linear") or f = 1 ("none"); f = 1 once step >= W. start_mean is a floor, as the
+paper's `mean_recurrence_schedule.start`: m stays there until M * f passes it.
 
-Every rank must use the same r at a step without communicating, so each draw comes from a fresh
-numpy Generator seeded with (seed, step, micro_step): deterministic, process-independent, and
-never touching the global RNG state.
+Which micro-batches share a draw. A step's data, in global order, is a sequence of micro-batch
+columns: column j is micro-batch j of every rank, and with one data source and N ranks its windows are
+positions [j * B * N, (j + 1) * B * N) of the step's slice of the epoch's order (rank r reads positions
+r, r + N, ...: retro/data/mixture.py). Ranks must run the same r at a micro index, or the FSDP2 collectives of the
+recurrent block fall out of lockstep. draws_per_step = 0 draws once per column (keyed by its index, the
+paper's per-data-step draw: as many distinct r per step as a rank has micro-batches, so the count
+changes with the number of ranks); draws_per_step = G splits the columns into G equal runs, each sharing
+one draw keyed by its group index. A group then covers the same windows on any number of ranks, so the
+(window, r) pairs of a run do not depend on the world size; G must divide the micro-batches per rank.
+
+Every rank must use the same r without communicating, so each draw comes from a fresh numpy Generator
+seeded with (seed, step, column or group): deterministic, process-independent, and never touching the
+global RNG state.
 """
 
 from __future__ import annotations
@@ -28,7 +40,11 @@ import numpy as np
 import torch
 
 CURRICULA = ("1-sqrt", "linear", "none")
-SAMPLE_EVERY = ("micro_batch", "step")  # micro_batch: one draw per data step, as the paper's train.py
+# keys of [recurrence] that were replaced, with what to write instead (job_config refuses them with this line)
+RETIRED = {
+    "sample_every": 'recurrence.sample_every was replaced by recurrence.draws_per_step: "micro_batch" is '
+    'draws_per_step = 0 (one draw per micro-batch), "step" is draws_per_step = 1 (one per optimizer step)',
+}
 
 # ceil(M * f) is taken after subtracting this, so a value that is an integer in exact arithmetic
 # but lands 1 ulp above it in floating point (M = 9, f = 1 - sqrt(1/9) gives 6.000000000000001) is
@@ -107,7 +123,9 @@ class RecurrenceSettings:
     backprop_depth: int = 8  # s: passes with gradient
     sigma: float = 0.5
     cap: int = 0  # 0 = no cap on the sampled r
-    sample_every: str = "micro_batch"  # micro_batch (the paper's per-data-step draw) | step
+    draws_per_step: int = 0  # 0 = one draw per micro-batch column; G = G draws per step, each for 1/G of its data
+    fixed: bool = False  # r = m exactly, no sampling (the paper's fix_num_steps)
+    start_mean: int = 1  # the curriculum's floor: m = max(start_mean, ceil(M f))
 
     def validate(self) -> None:
         """The schedule's own checks, on these values (ramp length and seed do not matter here)."""
@@ -138,8 +156,9 @@ class RecurrenceSchedule:
     step 0). ramp_steps: W; f = 1 from step W on (W = 0 means no ramp). backprop_depth: s, used as
     min(s, m): the reading of "s = m when m < 8" that reproduces PAPER's E[k] = 3.41 at m = 4.
     sigma: the lognormal's shape. cap: optional upper bound on r (**Ours**; the paper's r is
-    unbounded), reported per draw through `Draw.capped`. sample_every: "micro_batch" draws for each
-    micro-batch, "step" once per optimizer step for all of them. seed: mixed into every draw.
+    unbounded), reported per draw through `Draw.capped`. draws_per_step: 0 draws for each micro-batch
+    column, G > 0 once per group of columns (module docstring). fixed: r = m, nothing drawn. start_mean:
+    the floor of m. seed: mixed into every draw.
     """
 
     max_mean: float = 32.0
@@ -148,7 +167,9 @@ class RecurrenceSchedule:
     backprop_depth: int = 8
     sigma: float = 0.5
     cap: int | None = None
-    sample_every: str = "micro_batch"
+    draws_per_step: int = 0
+    fixed: bool = False
+    start_mean: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -164,7 +185,9 @@ class RecurrenceSchedule:
             backprop_depth=settings.backprop_depth,
             sigma=settings.sigma,
             cap=settings.cap or None,
-            sample_every=settings.sample_every,
+            draws_per_step=settings.draws_per_step,
+            fixed=settings.fixed,
+            start_mean=settings.start_mean,
             seed=seed,
         )
 
@@ -182,8 +205,12 @@ class RecurrenceSchedule:
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
         if self.cap is not None and (not isinstance(self.cap, int) or self.cap < 1):
             raise ValueError(f"cap must be None or an int >= 1, got {self.cap!r}")
-        if self.sample_every not in SAMPLE_EVERY:
-            raise ValueError(f"sample_every must be one of {SAMPLE_EVERY}, got {self.sample_every!r}")
+        if not isinstance(self.draws_per_step, int) or self.draws_per_step < 0:
+            raise ValueError(f"draws_per_step must be an int >= 0 (0: one per micro-batch), got {self.draws_per_step}")
+        if not isinstance(self.fixed, bool):
+            raise ValueError(f"fixed must be true or false, got {self.fixed!r}")
+        if not isinstance(self.start_mean, int) or not 1 <= self.start_mean <= self.max_mean:
+            raise ValueError(f"start_mean must be an int in [1, max_mean = {self.max_mean:g}], got {self.start_mean!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
 
@@ -193,7 +220,7 @@ class RecurrenceSchedule:
             raise ValueError(f"{name} must be an int >= 0, got {step!r}")
 
     def mean_at(self, step: int) -> int:
-        """m(step) = max(1, ceil(M * f(step / W))) (see _CEIL_SLACK for the float rounding)."""
+        """m(step) = max(start_mean, ceil(M * f(step / W))) (see _CEIL_SLACK for the float rounding)."""
         self._check_step(step)
         if self.curriculum == "none" or step >= self.ramp_steps:
             value = float(self.max_mean)
@@ -201,22 +228,21 @@ class RecurrenceSchedule:
             value = self.max_mean * step / self.ramp_steps  # exact when M * step / W is an integer
         else:
             value = self.max_mean * (1.0 - math.sqrt((self.ramp_steps - step) / self.ramp_steps))
-        return max(1, math.ceil(value - _CEIL_SLACK))
+        return max(self.start_mean, math.ceil(value - _CEIL_SLACK))
 
     def depth_at(self, step: int) -> int:
         """Backprop depth in force at this step: min(backprop_depth, m)."""
         return min(self.backprop_depth, self.mean_at(step))
 
     def _rng(self, step: int, micro_step: int) -> np.random.Generator:
-        self._check_step(step)
-        self._check_step(micro_step, "micro_step")
         return np.random.default_rng([self.seed, int(step), int(micro_step)])
 
     def draw(self, step: int, micro_step: int = 0) -> Draw:
         """The draw for (step, micro_step): deterministic in (seed, step, micro_step), identical on
-        every rank and in every process, with no communication. n + k == r always."""
+        every rank and in every process, with no communication; r = m with `fixed`. n + k == r always."""
         m = self.mean_at(step)
-        r = draw_r(m, self.sigma, self._rng(step, micro_step))
+        self._check_step(micro_step, "micro_step")
+        r = m if self.fixed else draw_r(m, self.sigma, self._rng(step, micro_step))
         capped = self.cap is not None and r > self.cap
         if capped:
             r = self.cap
@@ -224,12 +250,16 @@ class RecurrenceSchedule:
         return Draw(mean=m, r=r, n=n, k=k, capped=capped)
 
     def draws(self, step: int, micro_batches: int) -> list[Draw]:
-        """The recurrence of each micro-batch of optimizer step `step`: one draw per micro-batch (its
-        index is the micro_step, the paper's per-data-step draw), or one shared by all with
-        sample_every = "step"."""
-        if self.sample_every == "step":
-            return [self.draw(step)] * micro_batches
-        return [self.draw(step, micro) for micro in range(micro_batches)]
+        """The recurrence of each of a rank's `micro_batches` micro-batches of optimizer step `step` (the
+        same list on every rank): draw(step, micro) per micro-batch with draws_per_step = 0 (the paper's
+        per-data-step draw), else draw(step, group) shared by each of the draws_per_step runs of columns."""
+        per_draw = draw_group_size(self.draws_per_step, micro_batches)
+        drawn: dict[int, Draw] = {}
+        for micro in range(micro_batches):
+            key = micro // per_draw
+            if key not in drawn:
+                drawn[key] = self.draw(step, key)
+        return [drawn[micro // per_draw] for micro in range(micro_batches)]
 
     def sample(self, step: int, micro_step: int = 0) -> tuple[int, int]:
         """(n no-grad passes, k grad passes) of `draw(step, micro_step)`."""
@@ -237,8 +267,10 @@ class RecurrenceSchedule:
         return drawn.n, drawn.k
 
     def expected_r(self, step: int) -> float:
-        """E[r] at this step's mean: m + 1 uncapped, E[min(r, cap)] (by quadrature) with a cap."""
+        """E[r] at this step's mean: m + 1 uncapped, E[min(r, cap)] (by quadrature) with a cap; min(m, cap) fixed."""
         m = self.mean_at(step)
+        if self.fixed:
+            return float(min(m, self.cap or m))
         if self.cap is None:
             return m + 1.0
         return _expected_min(float(m), float(self.sigma), self.cap)
@@ -249,7 +281,24 @@ class RecurrenceSchedule:
         depth = min(self.backprop_depth, m)
         if self.cap is not None:
             depth = min(depth, self.cap)
+        if self.fixed:
+            return float(depth)  # k = min(r, depth) with r = min(m, cap) >= depth
         return _expected_min(float(m), float(self.sigma), depth)
+
+
+def draw_group_size(draws_per_step: int, micro_batches: int) -> int:
+    """Micro-batches (columns) per draw: 1 for draws_per_step = 0, else micro_batches / draws_per_step.
+
+    ValueError unless draws_per_step divides micro_batches: a group of columns must be whole, so that
+    every rank runs the same r at each micro index (module docstring)."""
+    if draws_per_step == 0:
+        return 1
+    if micro_batches % draws_per_step:
+        raise ValueError(
+            f"draws_per_step = {draws_per_step} must divide the {micro_batches} micro-batches each rank runs per "
+            "step, so that every rank runs the same r at each micro-batch"
+        )
+    return micro_batches // draws_per_step
 
 
 def state_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:

@@ -6,7 +6,8 @@ anything in the run directory is written or any weight is read, rank 0 compares 
 with that record (for older checkpoints: with OUT/config.json and OUT/model_config/). A change of a
 key that would make the checkpoint mean something else (its shape, data, sequence length, seed) is
 refused with one line naming the key and both values; a change the run can continue through (the
-recurrence curriculum, the global batch) is printed as a note. docs/training.md has the table.
+recurrence curriculum and draws, the distillation weights, the global batch) is printed as a note.
+docs/training.md has the table.
 """
 
 from __future__ import annotations
@@ -38,7 +39,15 @@ NOTED = {
     "recurrence.curriculum": "the curriculum's mean m(step) follows the new setting from the checkpoint's step on",
     "recurrence.max_mean": "the curriculum's mean m(step) follows the new setting from the checkpoint's step on",
     "recurrence.ramp_fraction": "the curriculum's mean m(step) follows the new setting from the checkpoint's step on",
+    "recurrence.start_mean": "the curriculum's mean m(step) follows the new setting from the checkpoint's step on",
+    "recurrence.draws_per_step": "the draws from the checkpoint's step on are grouped by the new setting (another "
+    "number of distinct r per step, and other r than an uninterrupted run's)",
+    "recurrence.fixed": "from the checkpoint's step on r is drawn, or fixed at m, by the new setting",
+    "distill.kd_weight": "the loss weighs CE and KD by the new setting from the checkpoint's step on",
+    "distill.temperature": "the KD term uses the new temperature from the checkpoint's step on",
 }
+# what the draws of a record written before recurrence.draws_per_step replaced recurrence.sample_every were
+_SAMPLE_EVERY = {"micro_batch": 0, "step": 1}
 
 
 def model_record(config: RetroConfig | dict) -> dict[str, Any]:
@@ -71,6 +80,12 @@ def meaning(record: dict[str, Any]) -> dict[str, Any]:
     """The compared values of a record (keys it lacks are left out: an old record compares what it has)."""
     job, model, cwd = record.get("job", {}), record.get("model") or {}, record.get("cwd")
     data, train, recurrence = job.get("data", {}), job.get("train", {}), job.get("recurrence", {})
+    if recurrence:  # a record from before a key existed ran with what that key's default now means
+        old_draws = _SAMPLE_EVERY.get(recurrence.get("sample_every"), 0)
+        recurrence = {"draws_per_step": old_draws, "fixed": False, "start_mean": 1, **recurrence}
+    distill = job.get("distill", {}) if job.get("distill", {}).get("teacher") else {}  # weights matter with a teacher
+    if "alpha" in distill:  # kd_weight's name before it was renamed (same meaning: the weight of the KD term)
+        distill = {"kd_weight": distill["alpha"], **distill}
     out: dict[str, Any] = {}
     for key in ("shape", "hidden_size", "vocab_size"):
         if model.get(key) is not None:
@@ -86,6 +101,11 @@ def meaning(record: dict[str, Any]) -> dict[str, Any]:
         ("recurrence", recurrence, "curriculum"),
         ("recurrence", recurrence, "max_mean"),
         ("recurrence", recurrence, "ramp_fraction"),
+        ("recurrence", recurrence, "start_mean"),
+        ("recurrence", recurrence, "draws_per_step"),
+        ("recurrence", recurrence, "fixed"),
+        ("distill", distill, "kd_weight"),
+        ("distill", distill, "temperature"),
     ):
         if key in values:
             out[f"{section}.{key}"] = values[key]
@@ -115,7 +135,7 @@ def read_record(checkpoint: Path, out_dir: Path) -> tuple[dict[str, Any] | None,
 def _show(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value)) if abs(value) < 1e15 else repr(value)
-    return json.dumps(value) if isinstance(value, (list, str)) else str(value)
+    return json.dumps(value) if isinstance(value, (list, str, bool)) else str(value)
 
 
 def compare(old: dict[str, Any], new: dict[str, Any], where: str) -> tuple[list[str], list[str]]:

@@ -1,4 +1,4 @@
-"""Distillation in retro.train: a = 0 is today's run, FSDP2 = one process, resume is exact, a missing teacher."""
+"""Distillation in retro.train: kd_weight 0 is today's run, FSDP2 = one process, resume is exact, a missing teacher."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from train_helpers import base_overrides, make_assets, read_metrics, run_train
 
 from retro.training import checkpoint
 
-KD = {"distill.alpha": 0.5, "distill.temperature": 2.0, "model.state_init": "zeros"}  # zeros: s0 noise is per rank
+KD = {"distill.kd_weight": 0.5, "distill.temperature": 2.0, "model.state_init": "zeros"}  # zeros: s0 noise is per rank
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +19,10 @@ def assets(tmp_path_factory):
     return model, data, root / "src"  # src: the unmodified Hugging Face source model, with its tokenizer
 
 
-def test_alpha_zero_is_the_plain_run(assets, tmp_path):
+def test_kd_weight_zero_is_the_plain_run(assets, tmp_path):
     model, data, source = assets
     run_train(base_overrides(model, data, tmp_path / "plain"))
-    run_train(base_overrides(model, data, tmp_path / "kd0", **{"distill.teacher": source, "distill.alpha": 0.0}))
+    run_train(base_overrides(model, data, tmp_path / "kd0", **{"distill.teacher": source, "distill.kd_weight": 0.0}))
     plain, kd0 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "kd0")
     assert len(plain) == len(kd0) == 6
     for a, b in zip(plain, kd0):

@@ -98,7 +98,7 @@ def test_per_micro_batch_draws_agree_across_ranks_and_resume(assets, tmp_path):
     each step's draws and stops if ranks disagree, so a finished 2-rank run is the agreement check."""
     model, data = assets
     extra = {
-        "recurrence.sample_every": "micro_batch",
+        "recurrence.draws_per_step": 0,
         "train.steps": 4,
         "checkpoint.every": 2,
         "checkpoint.keep_last": 3,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from retro.model.loss import IGNORE_INDEX, Teacher, linear_cross_entropy, linear_distillation_loss
 
 
-def reference(hidden, weight, targets, teacher_hidden, teacher_weight, alpha, temperature):
+def reference(hidden, weight, targets, teacher_hidden, teacher_weight, kd_weight, temperature):
     """(1 - a) CE + a T^2 KL(teacher || student) from whole [N, V] logits; F.kl_div is the KL oracle."""
     logits = hidden @ weight.T
     valid = targets != IGNORE_INDEX
@@ -20,7 +20,7 @@ def reference(hidden, weight, targets, teacher_hidden, teacher_weight, alpha, te
     teacher = F.log_softmax((teacher_hidden @ teacher_weight.T) / temperature, dim=-1)
     kl_rows = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
     kd = (kl_rows * valid).sum() / count
-    return (1 - alpha) * ce + alpha * temperature**2 * kd, ce, kd
+    return (1 - kd_weight) * ce + kd_weight * temperature**2 * kd, ce, kd
 
 
 def inputs(n=37, h=8, h_teacher=12, v=29, seed=0):
@@ -34,14 +34,14 @@ def inputs(n=37, h=8, h_teacher=12, v=29, seed=0):
     return hidden, weight, targets, teacher_hidden, teacher_weight
 
 
-@pytest.mark.parametrize("alpha,temperature,chunk", [(0.5, 1.0, 8), (0.3, 2.0, 5), (1.0, 0.5, 64), (0.0, 1.0, 7)])
-def test_chunked_loss_and_gradients_equal_the_plain_reference(alpha, temperature, chunk):
+@pytest.mark.parametrize("kd_weight,temperature,chunk", [(0.5, 1.0, 8), (0.3, 2.0, 5), (1.0, 0.5, 64), (0.0, 1.0, 7)])
+def test_chunked_loss_and_gradients_equal_the_plain_reference(kd_weight, temperature, chunk):
     hidden, weight, targets, th, tw = inputs()
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    got = linear_distillation_loss(h1, w1, targets, Teacher(th, tw, alpha, temperature), chunk_rows=chunk)
+    got = linear_distillation_loss(h1, w1, targets, Teacher(th, tw, kd_weight, temperature), chunk_rows=chunk)
     got.total.backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    want_total, want_ce, want_kd = reference(h2, w2, targets, th, tw, alpha, temperature)
+    want_total, want_ce, want_kd = reference(h2, w2, targets, th, tw, kd_weight, temperature)
     want_total.backward()
     torch.testing.assert_close(got.total, want_total, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.ce, want_ce.detach(), rtol=1e-5, atol=1e-6)
@@ -51,7 +51,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_reference(alpha, temperature
     assert got.kd > 0  # two random models disagree
 
 
-def test_alpha_zero_is_the_cross_entropy_loss_and_gradients():
+def test_kd_weight_zero_is_the_cross_entropy_loss_and_gradients():
     hidden, weight, targets, th, tw = inputs(seed=1)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     linear_distillation_loss(h1, w1, targets, Teacher(th, tw, 0.0, 3.0), chunk_rows=6).total.backward()

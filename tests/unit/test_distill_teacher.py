@@ -46,10 +46,18 @@ def test_a_teacher_with_another_vocabulary_is_a_config_error(tmp_path):
         teacher_of(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("key,value", [("alpha", "1.5"), ("alpha", "-0.1"), ("temperature", "0")])
+@pytest.mark.parametrize("key,value", [("kd_weight", "1.5"), ("kd_weight", "-0.1"), ("temperature", "0")])
 def test_out_of_range_settings_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"distill.{key}"):
         load_config(None, [f"distill.{key}={value}"])
+
+
+def test_the_retired_alpha_says_what_to_write_instead():
+    """retro's alpha weighed KD, the paper's weighs CE: one line names kd_weight and both translations."""
+    with pytest.raises(ConfigError, match="distill.alpha was renamed distill.kd_weight") as error:
+        load_config(None, ["distill.alpha=0.5"])
+    message = str(error.value)
+    assert "retro's alpha = x is kd_weight = x" in message and "kd_weight = 1 - a" in message and "\n" not in message
 
 
 def test_a_bf16_teacher_is_held_in_bf16_and_close_to_fp32(tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from retro.training.job_config import load_config
+from retro.training.job_config import ConfigError, load_config
+from retro.training.preflight import check_draw_groups
 from retro.training.recurrence import RecurrenceSchedule
 
 if sys.version_info >= (3, 11):
@@ -102,6 +103,35 @@ RUNS = {
     ),
 }
 
+# recurrence.draws_per_step: train.py seeds every GPU's draw by its data step alone, so all GPUs run the same r at a
+# micro-batch index and a step sees batch_size / micro_batch_size distinct r (one per micro-batch of a GPU).
+# run -> (draws per step, the shell's GPUs = nodes x 4 from its "Figure" header, the shell line, its batch arguments)
+DRAWS = {
+    "tinyllama-484-fineweb-muon": (4, 32, "shells/tinyllama.sh:10", "--micro_batch_size=8 --batch_size=32"),
+    "tinyllama-484-fineweb-adamw": (4, 32, "shells/tinyllama.sh:13", "--micro_batch_size=8 --batch_size=32"),
+    **{
+        f"tinyllama-484-math-m{m}": (2, 64, "shells/tinyllama.sh:20", "--micro_batch_size=8 --batch_size=16")
+        for m in (4, 8, 16, 32)
+    },
+    "tinyllama-static-math": (2, 64, "shells/tinyllama.sh:23", "--micro_batch_size=8 --batch_size=16"),
+    "tinyllama-static-mix": (4, 32, "shells/tinyllama.sh:28", "--micro_batch_size=8 --batch_size=32"),
+    "tinyllama-484-mix": (4, 32, "shells/tinyllama.sh:31", "--micro_batch_size=8 --batch_size=32"),
+    "tinyllama-static-fineweb": (4, 32, "shells/tinyllama.sh:35", "--micro_batch_size=8 --batch_size=32"),
+    "tinyllama-static-two-phase-2-mix": (4, 32, "shells/tinyllama.sh:42", "--micro_batch_size=8 --batch_size=32"),
+    "tinyllama-484-two-phase-2-mix": (4, 32, "shells/tinyllama.sh:45", "--micro_batch_size=8 --batch_size=32"),
+    "llama32-242-fineweb-curriculum": (16, 4, "shells/llama.sh:17", "--micro_batch_size=8 --batch_size=128"),
+    **{
+        f"llama32-464-math-m{m}": (2, 64, "shells/llama.sh:21", "--micro_batch_size=8 --batch_size=16")
+        for m in (4, 8, 16, 32)
+    },
+    "llama32-static-math": (2, 64, "shells/llama.sh:24", "--micro_batch_size=8 --batch_size=16"),
+    **{
+        f"olmo2-464-math-m{m}": (2, 64, "shells/olmo.sh:10", "--micro_batch_size=8 --batch_size=16")
+        for m in (4, 8, 16, 32)
+    },
+    "olmo2-static-math": (2, 64, "shells/olmo.sh:13", "--micro_batch_size=8 --batch_size=16"),
+}
+
 # Phase 2 starts from phase 1's exported final weights (retro.export), with a fresh optimizer and schedules.
 PHASE_2 = {
     "tinyllama-484-two-phase-2-mix": ("tinyllama-484-fineweb-muon", "checkpoints/tinyllama-484-phase1"),
@@ -112,7 +142,17 @@ PHASE_2 = {
 EXPLICIT = {
     "data": ["train", "seq_len"],
     "train": ["steps", "global_batch", "micro_batch", "grad_clip", "dtype", "out_dir"],
-    "recurrence": ["max_mean", "curriculum", "ramp_fraction", "backprop_depth", "sigma", "cap", "sample_every"],
+    "recurrence": [
+        "max_mean",
+        "curriculum",
+        "ramp_fraction",
+        "backprop_depth",
+        "sigma",
+        "cap",
+        "draws_per_step",
+        "fixed",
+        "start_mean",
+    ],
     "optim": ["name", "lr", "betas", "eps", "weight_decay", "schedule", "warmup_steps", "decay_steps", "min_lr_ratio"],
     "model": ["path", "init", "shape"],
 }
@@ -175,7 +215,8 @@ def test_paper_config_matches_the_paper(name):
     assert r.max_mean == row["max_mean"]
     assert r.ramp_fraction == row["ramp"]
     assert (r.sigma, r.cap) == (row["sigma"], row["cap"])
-    assert r.sample_every == "micro_batch"  # the paper draws r per data step (micro-batch)
+    assert r.draws_per_step == DRAWS[name][0]
+    assert (r.fixed, r.start_mean) == (False, 1)  # none of these shells sets fix_num_steps or a curriculum start
     if row["shape"][1] > 0:
         assert r.backprop_depth == row["backprop_depth"]
         # the curriculum reaches M at ceil(ramp * steps), as train.py's mean-recurrence scheduler
@@ -195,6 +236,35 @@ def test_paper_config_names_what_it_relies_on(name):
         required["optim"] += EXPLICIT_MUON
     missing = [f"{s}.{k}" for s, keys in required.items() for k in keys if k not in raw.get(s, {})]
     assert not missing, f"{name}.toml relies on retro's defaults for {missing}"
+
+
+def test_draws_per_step_table_is_the_shells_arithmetic():
+    """Each value is the shell's batch_size / micro_batch_size, and its GPUs x batch_size is the run's global batch."""
+    assert sorted(DRAWS) == sorted(RUNS)
+    for name, (draws, gpus, _, arguments) in DRAWS.items():
+        args = dict(a.removeprefix("--").split("=") for a in arguments.split())
+        assert draws == int(args["batch_size"]) // int(args["micro_batch_size"]), name
+        assert gpus * int(args["batch_size"]) == RUNS[name]["global_batch"], name
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_paper_draws_at_the_papers_gpu_count_and_on_8_gpus(name):
+    """At the paper's GPU count every micro-batch column gets its own draw (train.py's per-data-step draw); on
+    8 GPUs the same number of draws covers the step in equal groups. Figure 3 (16 draws of 512 rows) needs
+    16 micro-batches per rank: micro_batch 4 on 8 GPUs (its header says so)."""
+    job = load_config(PAPER / f"{name}.toml")
+    draws, gpus, _, _ = DRAWS[name]
+    schedule = RecurrenceSchedule.from_settings(job.recurrence, job.train.steps, job.train.seed)
+    per_rank = job.train.global_batch // (job.train.micro_batch * gpus)
+    assert per_rank == draws and schedule.draws(1000, per_rank) == [schedule.draw(1000, j) for j in range(draws)]
+    if name == "llama32-242-fineweb-curriculum":
+        with pytest.raises(ConfigError, match="draws_per_step = 16 must divide the 8 micro-batches"):
+            check_draw_groups(job, 8)
+        job = load_config(PAPER / f"{name}.toml", ["train.micro_batch=4"])
+    check_draw_groups(job, 8)
+    on_8 = job.train.global_batch // (job.train.micro_batch * 8)
+    groups = [schedule.draw(1000, g) for g in range(draws) for _ in range(on_8 // draws)]
+    assert schedule.draws(1000, on_8) == groups
 
 
 def test_runs_do_not_share_an_out_dir():

@@ -181,3 +181,18 @@ def test_cli_counts_a_distillation_teacher(tmp_path, capsys):
     assert b["memory"]["teacher params (compute dtype, sharded)"] > 0 and "distillation loss chunk" in b["memory"]
     missing = main([*args, f"--distill.teacher={tmp_path / 'nope'}"])
     assert missing == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_fixed_recurrence_plans_exactly_m_passes():
+    """recurrence.fixed: every step runs r = m, so the plan is the per-token FLOPs at n = m - k, k = min(s, m)."""
+    cfg = JobConfig()
+    cfg.train.steps, cfg.train.global_batch, cfg.data.seq_len = 400, 4, 32
+    cfg.recurrence.max_mean, cfg.recurrence.ramp_fraction, cfg.recurrence.fixed = 12, 0.5, True
+    cfg.recurrence.start_mean = 2
+    flops = FlopModel.from_config(RetroConfig(**PRESETS["tinyllama-484"]), cfg.data.seq_len)
+    planned = run_flops(cfg, flops)
+    schedule = RecurrenceSchedule.from_settings(cfg.recurrence, cfg.train.steps, cfg.train.seed)
+    exact = sum(flops.per_token(*schedule.sample(step)) for step in range(cfg.train.steps)) * 4 * 32
+    assert planned["total_flops"] == pytest.approx(exact, rel=1e-12)
+    assert [(p["mean"], p["p99_r"], p["p99_k"]) for p in planned["phases"]][:2] == [(2, 2, 2), (3, 3, 3)]
+    assert planned["phases"][-1]["p99_r"] == 12 and planned["phases"][-1]["p99_k"] == 8

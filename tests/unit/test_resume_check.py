@@ -32,3 +32,44 @@ def test_refused_and_noted_keys():
 def test_an_old_record_compares_only_what_it_has():
     old = {"job": {"recurrence": {"max_mean": 2.5}}, "model": None}
     assert compare(meaning(old), meaning(record(data__seq_len=32)), "ckpt")[0] == []
+
+
+def test_the_draw_options_and_distillation_weights_are_noted_not_refused():
+    changed = record(recurrence__draws_per_step=2, recurrence__fixed=True, recurrence__start_mean=2)
+    refusals, notes = compare(meaning(record()), meaning(changed), "ckpt")
+    assert refusals == []
+    assert [note.split(" changed")[0] for note in notes] == [
+        "note: resume: recurrence.start_mean",
+        "note: resume: recurrence.draws_per_step",
+        "note: resume: recurrence.fixed",
+    ]
+    assert "recurrence.fixed changed from false (ckpt) to true;" in notes[2]
+    teacher = {"teacher": "/t", "kd_weight": 0.5, "temperature": 1.0}
+    with_teacher = record()
+    with_teacher["job"]["distill"] = teacher
+    other = record()
+    other["job"]["distill"] = {**teacher, "kd_weight": 0.2, "temperature": 2.0}
+    refusals, notes = compare(meaning(with_teacher), meaning(other), "ckpt")
+    assert refusals == [] and [n.split(" changed")[0] for n in notes] == [
+        "note: resume: distill.kd_weight",
+        "note: resume: distill.temperature",
+    ]
+
+
+def test_records_from_before_the_renames_compare_by_meaning():
+    """sample_every = "step" was draws_per_step = 1, "micro_batch" 0; a teacher run's alpha was its kd_weight;
+    without a teacher the weights are not compared; a record without the new keys ran at their defaults."""
+    old = record(recurrence__sample_every="step")
+    assert compare(meaning(old), meaning(record(recurrence__draws_per_step=1)), "ckpt") == ([], [])
+    _, notes = compare(meaning(old), meaning(record(recurrence__draws_per_step=0)), "ckpt")
+    assert len(notes) == 1 and "recurrence.draws_per_step changed from 1 (ckpt) to 0" in notes[0]
+    assert compare(meaning(record()), meaning(record(recurrence__fixed=False, recurrence__start_mean=1)), "ckpt") == (
+        [],
+        [],
+    )
+    alpha, kd_weight, plain = record(), record(), record()
+    alpha["job"]["distill"] = {"teacher": "/t", "alpha": 0.3, "temperature": 1.0}
+    kd_weight["job"]["distill"] = {"teacher": "/t", "kd_weight": 0.3, "temperature": 1.0}
+    plain["job"]["distill"] = {"teacher": "", "kd_weight": 0.9, "temperature": 1.0}
+    assert compare(meaning(alpha), meaning(kd_weight), "ckpt") == ([], [])
+    assert compare(meaning(plain), meaning(record()), "ckpt") == ([], [])

@@ -96,3 +96,23 @@ def test_plan_refuses_a_config_that_is_not_a_retro_models(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith(f"retro.plan: error: {path} has model_type 'llama', not 'retro'")
     RetroConfig(**TINY).save_pretrained(tmp_path / "retro")
     assert plan_main(["--model-config", str(tmp_path / "retro" / "config.json")]) == 0
+
+
+def test_draws_per_step_that_splits_no_micro_batch_column_is_refused(tmp_path, capsys):
+    """global 8 / (micro 1 x 2 ranks) = 4 micro-batches per rank: 1, 2, 4 draws split them into whole columns, 3
+    and 8 do not (ranks would run different r at one micro index); retro.train and retro.plan say so in one line."""
+    for draws in (1, 2, 4):
+        with pytest.raises(Exception) as error:  # past the split check: on to the shards, which are missing here
+            check_data(job_for(tmp_path, "train.micro_batch=1", f"recurrence.draws_per_step={draws}"), None, 2)
+        assert "must divide" not in str(error.value)
+    for draws in (3, 8):
+        with pytest.raises(ConfigError) as error:
+            check_data(job_for(tmp_path, "train.micro_batch=1", f"recurrence.draws_per_step={draws}"), None, 2)
+        message = str(error.value)
+        assert message.startswith(f"recurrence.draws_per_step = {draws} must divide the 4 micro-batches each rank")
+        assert "(train.global_batch 8 / (train.micro_batch 1 x 2 ranks))" in message and "\n" not in message
+    args = ["--preset", "tinyllama-484", "--gpus", "16", "--recurrence.draws_per_step=16"]  # 1024 / (8 x 16) = 8
+    assert plan_main(args) == 2
+    err = capsys.readouterr().err
+    assert "draws_per_step = 16 must divide the 8 micro-batches" in err and "x 16 GPUs))" in err
+    assert plan_main([*args[:-1], "--recurrence.draws_per_step=8", "--train.steps=500"]) == 0
