@@ -164,4 +164,9 @@ def test_resume_none_over_checkpoints_needs_force(tmp_path):
     assert str(out) in text and "2 complete checkpoint(s)" in text and "--force" in text
     said: list[str] = []
     check_fresh_start(out, "none", 2, force=True, say=said.append)
-    assert len(said) == 1 and "step_00000002 ... step_00000004" in said[0] and "not resumed" in said[0]
+    assert (
+        len(said) == 1
+        and "step_00000002 ... step_00000004" in said[0]
+        and "superseded" in said[0]
+        and "nothing is deleted" in said[0]
+    )
