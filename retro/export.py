@@ -2,6 +2,9 @@
 directory (config.json + safetensors + tokenizer files) that `RetroForCausalLM.from_pretrained` and
 `AutoModelForCausalLM.from_pretrained` (after `import retro`) load.
 
+A run that trained LoRA updates (train.trainable = "lora") is exported with them merged into the base
+weights (W += alpha / rank · B A): HF_DIR holds a plain model, no LoRA parameters.
+
 A checkpoint is read together with its run directory (RUN/checkpoints/step_N beside RUN/config.json
 and RUN/model_config/); the tokenizer files come from the run's model.path (the `retro.convert`
 directory) or --tokenizer. HF_DIR is written beside itself and renamed into place once complete, and
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from retro.hf.output_dir import TOKENIZER_FILES, check_output_dir, staged_output
 from retro.model.config import RetroConfig
+from retro.model.lora import LoraSettings, add_lora, merge_lora
 from retro.model.modeling import RetroForCausalLM
 from retro.training import checkpoint
 
@@ -67,6 +71,21 @@ def read_run_config(run: Path, ckpt: Path) -> tuple[float, Path]:
         ) from None
 
 
+def read_lora(ckpt: Path, run: Path) -> LoraSettings | None:
+    """The [lora] settings the checkpoint was trained with when it holds LoRA updates (train.trainable =
+    "lora"), else None: from the checkpoint's own job record, else the run's config.json."""
+    record = ckpt / checkpoint.RECORD
+    path = record if record.is_file() else run / "config.json"
+    config = json.loads(path.read_text())
+    config = config.get("job", {}) if path == record else config
+    if config.get("train", {}).get("trainable", "all") != "lora":
+        return None
+    try:
+        return LoraSettings(**config["lora"])
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: train.trainable is lora but its [lora] section is unreadable ({error!r})") from None
+
+
 def tokenizer_files(source: Path, named_by: str) -> list[str]:
     """The tokenizer files in `source`; an error when there are none (an export would not be usable)."""
     if not source.is_dir():
@@ -94,7 +113,11 @@ def export(source: str | Path, out_dir: str | Path, force: bool = False, tokeniz
     config = RetroConfig.from_pretrained(run / "model_config")
     config.default_recurrences = max(1, math.ceil(max_mean))
     model = RetroForCausalLM(config)
+    lora = read_lora(ckpt, run)
+    if lora is not None:  # load the updates beside the base weights, then fold them in: a plain model
+        add_lora(model.model.recurrent.block, lora)
     checkpoint.load_model_only(ckpt, model)
+    merge_lora(model)
     with staged_output(out_dir) as tmp:
         model.save_pretrained(tmp)
         for name in names:

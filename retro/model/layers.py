@@ -34,7 +34,19 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear that may carry low-rank updates (`lora`, attached by retro/model/lora.py; None otherwise)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_module("lora", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return out if self.lora is None else self.lora(x, out)
+
+
+class FusedLinear(Linear):
     """A Linear whose output rows concatenate several logical matrices (q|k|v or gate|up).
 
     `split_sizes` lets Muon orthogonalise each logical matrix on its own.
@@ -52,7 +64,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
         q_size, kv_size = self.n_heads * d, self.n_kv_heads * d
         self.qkv_proj = FusedLinear(h, (q_size, kv_size, kv_size), bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_size, h, bias=config.o_bias)
+        self.o_proj = Linear(q_size, h, bias=config.o_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm == "full":  # OLMo-2: RMSNorm over the whole q and k projections
             self.q_norm, self.k_norm = RMSNorm(q_size, config.rms_norm_eps), RMSNorm(kv_size, config.rms_norm_eps)
@@ -90,7 +102,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         i = config.intermediate_size
         self.gate_up_proj = FusedLinear(config.hidden_size, (i, i), bias=config.mlp_bias)
-        self.down_proj = nn.Linear(i, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = Linear(i, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -18,6 +18,7 @@ from typing import Any
 
 from retro.data.loader import DataSettings
 from retro.distributed.parallelize import ParallelSettings
+from retro.model.lora import LoraSettings
 from retro.optim.build import OptimSettings
 from retro.training.checkpoint import CheckpointSettings
 from retro.training.distill import RETIRED as DISTILL_RETIRED
@@ -50,6 +51,7 @@ class JobConfig:
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # read when train.trainable = "lora"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,9 +4,10 @@ Every checkpoint carries `job_config.json` (written by rank 0 before `COMPLETE`,
 verified like the other files): the job config it was written with and the model's shape. Before
 anything in the run directory is written or any weight is read, rank 0 compares the resuming run
 with that record (for older checkpoints: with OUT/config.json and OUT/model_config/). A change of a
-key that would make the checkpoint mean something else (its shape, data, sequence length, seed) is
-refused with one line naming the key and both values; a change the run can continue through (the
-recurrence curriculum and draws, the distillation weights, the global batch) is printed as a note.
+key that would make the checkpoint mean something else (its shape, data, sequence length, seed, what
+trains and its LoRA settings) is refused with one line naming the key and both values; a change the
+run can continue through (the recurrence curriculum and draws, the distillation weights, the global
+batch) is printed as a note.
 docs/training.md has the table.
 """
 
@@ -31,7 +32,13 @@ REFUSED = {
     "data.weights": "the checkpoint's data position follows another mixture",
     "data.seq_len": "the checkpoint's data position counts windows of another length",
     "train.seed": "the seed keys the data order and the recurrence draws the checkpoint continues",
+    "train.trainable": "the checkpoint's optimizer state and updates belong to another set of trained parameters",
+    "lora.rank": "the checkpoint's LoRA matrices have another rank",
+    "lora.alpha": "the checkpoint's LoRA updates were trained at another scale (alpha / rank)",
+    "lora.targets": "the checkpoint's LoRA updates sit on other projections",
+    "lora.train_adapter": "the checkpoint's optimizer state covers another set of trained parameters",
 }
+LORA_KEYS = ("rank", "alpha", "targets", "train_adapter")  # compared when both runs train LoRA
 # key -> what happens when it changes (the run continues)
 NOTED = {
     "train.global_batch": "steps after the checkpoint take the new batch; the tokens count continues from the "
@@ -109,6 +116,13 @@ def meaning(record: dict[str, Any]) -> dict[str, Any]:
     ):
         if key in values:
             out[f"{section}.{key}"] = values[key]
+    if "train" in job:  # a record from before train.trainable trained everything
+        out["train.trainable"] = train.get("trainable", "all")
+    if out.get("train.trainable") == "lora":
+        lora = job.get("lora", {})
+        for key in LORA_KEYS:
+            if key in lora:
+                out[f"lora.{key}"] = sorted(lora[key]) if key == "targets" else lora[key]
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from retro.distributed.setup import DTYPES
+from retro.training.trainable import MODES
 
 
 @dataclass
@@ -22,6 +23,8 @@ class TrainSettings:
     max_bad_steps: int = 5  # consecutive NaN/Inf steps tolerated (each skipped) before stopping
     dtype: str = field(default="auto", metadata={"choices": DTYPES})  # auto: bf16 compute on CUDA, fp32 on CPU
     tensorboard: bool = False
+    # what trains: all | recurrent (adapter + block) | adapter | lora ([lora]); the rest is frozen
+    trainable: str = field(default="all", metadata={"choices": MODES})
 
     def validate(self) -> None:
         for key in ("steps", "global_batch", "micro_batch", "log_every"):

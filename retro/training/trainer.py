@@ -55,7 +55,9 @@ class Trainer:
         self.recurrence = RecurrenceSchedule.from_settings(job.recurrence, t.steps, t.seed)
         self.mesh = build_mesh(info, job.parallel.replicate)
         self.dtype = compute_dtype(t.dtype, info.device)
-        self.model = build_model(job.model, model_config, job.parallel, self.mesh, info.device, self.dtype, t.seed)
+        self.model = build_model(
+            job.model, model_config, job.parallel, self.mesh, info.device, self.dtype, t.seed, t.trainable, job.lora
+        )
         self.optimizer = build_optimizer(self.model, job.optim)
         self.scheduler = scheduler_for(self.optimizer, job.optim, t.steps)
         self.objective: Objective = CrossEntropy()
@@ -97,7 +99,14 @@ class Trainer:
             self._say(
                 f"{info.world_size} rank(s) on {info.device}, {self.dtype}, accumulation {self.accumulation}, {start}"
             )
+            self._say(self._what_trains())
         self.batches = iter(loader)
+
+    def _what_trains(self) -> str:
+        trained = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for p in self.model.parameters())
+        frozen = f", {total - trained:,} frozen" if trained < total else ""
+        return f"train.trainable = {self.job.train.trainable}: {trained:,} of {total:,} parameters train{frozen}"
 
     def _say(self, text: str, error: bool = False) -> None:
         if self.info.is_main:

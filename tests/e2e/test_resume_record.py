@@ -87,6 +87,15 @@ def test_a_changed_model_shape_is_one_line_not_a_traceback(run, capsys, tmp_path
     assert snapshot(out) == before
 
 
+def test_training_lora_from_a_full_training_checkpoint_is_refused(run, capsys):
+    """Before: DCP's `Missing key in checkpoint state_dict` traceback for the LoRA matrices."""
+    model, data, out = run
+    before = snapshot(out)
+    code, _, err = train(model, data, out, capsys, **{"train.trainable": "lora", "train.steps": 6})
+    assert 'train.trainable changed from "all" (checkpoint step_00000004) to "lora"' in refusal(code, err)
+    assert snapshot(out) == before
+
+
 def test_a_changed_max_mean_resumes_with_a_note(run, capsys):
     model, data, out = run
     code, stdout, err = train(model, data, out, capsys, **{"recurrence.max_mean": 4, "train.steps": 6})

@@ -73,3 +73,31 @@ def test_records_from_before_the_renames_compare_by_meaning():
     plain["job"]["distill"] = {"teacher": "", "kd_weight": 0.9, "temperature": 1.0}
     assert compare(meaning(alpha), meaning(kd_weight), "ckpt") == ([], [])
     assert compare(meaning(plain), meaning(record()), "ckpt") == ([], [])
+
+
+def lora_record(**lora) -> dict:
+    out = record(train__trainable="lora")
+    out["job"]["lora"] = {"rank": 16, "alpha": 32.0, "targets": ["q_proj", "o_proj"], "train_adapter": True, **lora}
+    return out
+
+
+def test_a_change_of_what_trains_is_refused():
+    refusals, _ = compare(meaning(record(train__trainable="adapter")), meaning(record()), "ckpt")
+    assert refusals[0].startswith('train.trainable changed from "adapter" (ckpt) to "all" (')
+    # a record from before the key trained everything: resuming it as LoRA is refused, as "all" is not
+    old = record()
+    assert compare(meaning(old), meaning(lora_record()), "ckpt")[0][0].startswith("train.trainable changed from")
+    assert compare(meaning(old), meaning(record(train__trainable="all")), "ckpt") == ([], [])
+
+
+def test_lora_settings_are_compared_when_both_runs_train_lora():
+    same = meaning(lora_record(targets=["o_proj", "q_proj"]))  # the same set in another order
+    assert compare(meaning(lora_record()), same, "ckpt") == ([], [])
+    for key, value in (("rank", 8), ("alpha", 16.0), ("targets", ["q_proj"]), ("train_adapter", False)):
+        refusals, _ = compare(meaning(lora_record()), meaning(lora_record(**{key: value})), "ckpt")
+        assert len(refusals) == 1 and refusals[0].startswith(f"lora.{key} changed from"), (key, refusals)
+    # without LoRA the [lora] section means nothing and is not compared
+    plain = record(train__trainable="recurrent")
+    other = record(train__trainable="recurrent")
+    other["job"]["lora"] = {"rank": 4}
+    assert compare(meaning(plain), meaning(other), "ckpt") == ([], [])
