@@ -35,8 +35,10 @@ from benchmarks.common import RESULTS, machine_info, markdown_table
 HERE = Path(__file__).parent
 # Not timings but experiments, run by hand: optimizer_convergence needs a demo run's model and shards
 # (--model, --data); distill_and_layers trains on a real model for about an hour; trainable_modes needs
-# the SmolLM2 GGUF and runs for minutes.
-NOT_BENCHMARKS = {"__init__", "common", "run", "optimizer_convergence", "distill_and_layers", "trainable_modes"}
+# the SmolLM2 GGUF and runs for minutes; adaptive_exit needs a demo run.
+NOT_BENCHMARKS = {
+    *("__init__", "common", "run", "optimizer_convergence", "distill_and_layers", "trainable_modes", "adaptive_exit")
+}
 
 # Small settings, one command line per benchmark: the whole suite in < 10 minutes on 2 CPU cores. "{out}" is
 # the scratch folder. A benchmark listed here must exist, and must accept every flag given to it.

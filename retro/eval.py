@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from retro.hf.output_dir import check_apart
-from retro.inference.evaluate import EvalSettings, check_loss_data, default_device, evaluate_model
+from retro.inference.evaluate import EvalSettings, check_loss_data, default_device, evaluate_model, exit_rules
 from retro.inference.task_base import LM_EVAL_VERSIONS
 from retro.inference.tasks import TASKS
 from retro.model.config import STATE_INITS
@@ -60,7 +59,7 @@ def parse_recurrences(text: str) -> list[int]:
 def markdown_table(results: dict) -> str:
     metrics = results["metrics"]
     unit = "" if results["task"] == "loss" else " (%)"
-    head = ["model", "r", "mean passes", *[m + unit for m in metrics], "n"]
+    head = ["model", "r", "exit", "mean passes", *[m + unit for m in metrics], "n", "tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model in results["models"]:
         for run in model["runs"]:
@@ -69,8 +68,12 @@ def markdown_table(results: dict) -> str:
                 for m in metrics
             ]
             r = "static" if model["static"] else str(run["recurrences"])
+            rule = run.get("exit") or "fixed"
+            speed = f"{run['tokens_per_s']:.1f}" if "tokens_per_s" in run else "-"
             lines.append(
-                f"| {model['label']} | {r} | {run['mean_passes']:.2f} | " + " | ".join(values) + f" | {run['n']} |"
+                f"| {model['label']} | {r} | {rule} | {run['mean_passes']:.2f} | "
+                + " | ".join(values)
+                + f" | {run['n']} | {speed} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -87,7 +90,9 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 def _print_run(entry: dict, run: dict) -> None:
     r = "static" if entry["static"] else run["recurrences"]
     shown = ", ".join(f"{m}={v:.4f}" for m, v in run["metrics"].items())
-    print(f"{entry['label']}  r={r}  mean passes {run['mean_passes']:.2f}  {shown}", flush=True)
+    rule = f"  exit {run['exit']}" if run.get("exit") else ""
+    speed = f"  {run['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in run else ""
+    print(f"{entry['label']}  r={r}{rule}  mean passes {run['mean_passes']:.2f}  {shown}{speed}", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -98,8 +103,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_length and args.task != "loss" and args.max_length <= args.max_new_tokens:
         raise ValueError(f"--max-length {args.max_length} must exceed --max-new-tokens {args.max_new_tokens}")
-    if args.adaptive_exit is not None and not (math.isfinite(args.adaptive_exit) and args.adaptive_exit >= 0):
-        raise ValueError(f"--adaptive-exit must be a finite KL threshold >= 0, got {args.adaptive_exit}")
+    if args.adaptive_exit is not None:
+        exit_rules(settings_from_args(args))  # a bad rule is refused before any model loads
     if args.task == "loss":
         if not Path(args.data).is_dir():
             raise FileNotFoundError(f"--task loss needs a directory of prepared shards; {args.data} is not a directory")
@@ -228,7 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="whose minerva_math exemplars and answer normalisation --task math reproduces (the paper's lock file: "
         "0.4.11); GSM8K is the same in both",
     )
-    p.add_argument("--adaptive-exit", type=float, default=None, metavar="THRESH", help="per-token KL exit threshold")
+    p.add_argument(
+        "--adaptive-exit",
+        default=None,
+        metavar="RULES",
+        help="per-token exit, r = each --recurrences value as the maximum: comma-separated rules, each "
+        "{kl,state,entropy}:THRESHOLD (a bare number is a KL threshold) or 'fixed' (a fixed-r run beside them), "
+        "e.g. state:0.05,kl:1e-3,fixed",
+    )
+    p.add_argument(
+        "--adaptive-min-r",
+        type=int,
+        default=1,
+        metavar="N",
+        help="no token exits before N passes",
+    )
     p.add_argument(
         "--share-kv-cache", action="store_true", help="keep only the last pass's block K/V (r x less memory)"
     )

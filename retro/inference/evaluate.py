@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from retro.data.manifest import ShardFormatError
-from retro.inference.generate import GenerationSettings, generate_text
+from retro.inference.adaptive import ExitRule, parse_exit_rule
+from retro.inference.generate import GenerationSettings, generate_text, teacher_forced
 from retro.inference.loading import load_model, load_tokenizer
 from retro.inference.task_base import Task
 from retro.inference.validation_loss import token_weighted_loss
@@ -34,7 +35,8 @@ class EvalSettings:
     max_new_tokens: int = 256  # generation budget (lm-eval's max_gen_toks)
     max_length: int = 1024  # prompt + generation budget: prompts keep their last max_length - max_new_tokens; 0 = all
     add_bos: bool = True  # start every prompt with BOS (lm-eval's add_bos_token=True)
-    adaptive_exit: float | None = None  # per-token KL exit threshold
+    adaptive_exit: str | None = None  # exit rules, comma-separated: {kl,state,entropy}:T, a bare KL threshold, fixed
+    adaptive_min_r: int = 1  # no token exits before this many passes
     share_kv_cache: bool = False  # keep only the last pass's block K/V
     state_init: str | None = None  # override the checkpoint's s0 init
     seed: int = 0  # seed of s0 draws (and sampling)
@@ -50,13 +52,26 @@ def stop_strings(task: Task, tokenizer) -> tuple[str, ...]:
     return task.stop_strings + ((eos,) if eos and eos not in task.stop_strings else ())
 
 
-def eval_generation(model, tokenizer, task: Task, r: int, settings: EvalSettings, label: str) -> dict:
-    """The task's metrics at r over its examples, with a per-example record (prompt, completion, scores)."""
+def exit_rules(settings: EvalSettings) -> list[ExitRule | None]:
+    """The runs per r: one per comma-separated rule of `adaptive_exit` ('fixed': fixed r), or fixed r alone."""
+    if settings.adaptive_exit is None:
+        return [None]
+    parts = [p.strip() for p in str(settings.adaptive_exit).split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--adaptive-exit needs at least one rule, e.g. state:0.05 or kl:1e-3,fixed")
+    return [None if p.lower() == "fixed" else parse_exit_rule(p, settings.adaptive_min_r) for p in parts]
+
+
+def eval_generation(
+    model, tokenizer, task: Task, r: int, settings: EvalSettings, label: str, rule: ExitRule | None = None
+) -> dict:
+    """The task's metrics at r (the maximum r with an exit `rule`) over its examples, with a per-example record
+    (prompt, completion, scores), the mean passes per generated token and generated tokens per second."""
     generation = GenerationSettings(
         max_new_tokens=settings.max_new_tokens,
         num_recurrences=r,
         share_block_cache=settings.share_kv_cache,
-        adaptive_exit=settings.adaptive_exit,
+        adaptive_exit=rule,
         seed=settings.seed,
     )
     stops = stop_strings(task, tokenizer)
@@ -65,8 +80,10 @@ def eval_generation(model, tokenizer, task: Task, r: int, settings: EvalSettings
     records: list[dict | None] = [None] * len(examples)
     passes_sum = tokens_sum = 0.0
     batch_size = settings.batch_size
+    seconds = 0.0
     for start in tqdm(range(0, len(order), batch_size), desc=f"{label} r={r}", unit="batch", leave=False):
         idx = order[start : start + batch_size]
+        began = time.perf_counter()
         completions = generate_text(
             model,
             tokenizer,
@@ -76,6 +93,7 @@ def eval_generation(model, tokenizer, task: Task, r: int, settings: EvalSettings
             settings.add_bos,
             settings.max_length or None,
         )
+        seconds += time.perf_counter() - began
         for i, c in zip(idx, completions):
             records[i] = {
                 "index": i,
@@ -92,7 +110,11 @@ def eval_generation(model, tokenizer, task: Task, r: int, settings: EvalSettings
             passes_sum += c.mean_passes * c.num_tokens
             tokens_sum += c.num_tokens
     mean_passes = passes_sum / tokens_sum if tokens_sum else float(r)
-    result = {"metrics": _means(records, task.metrics), "mean_passes": mean_passes if model.config.is_recurrent else 0}
+    result = {
+        "metrics": _means(records, task.metrics),
+        "mean_passes": mean_passes if model.config.is_recurrent else 0,
+        "tokens_per_s": tokens_sum / seconds if seconds else 0.0,
+    }
     subjects = sorted({rec["subject"] for rec in records if "subject" in rec})
     if len(subjects) > 1:  # e.g. the 7 MATH subjects; "metrics" is their size-weighted mean, as lm-eval's group
         result["subjects"] = {
@@ -110,8 +132,11 @@ def _means(records: list[dict], metrics) -> dict[str, float]:
     return {m: sum(bool(rec[m]) for rec in records) / len(records) for m in metrics}
 
 
-def eval_loss(model, data: str | Path, r: int, settings: EvalSettings, label: str) -> dict:
-    """Token-weighted mean cross entropy over the validation batches of prepared shards."""
+def eval_loss(
+    model, data: str | Path, r: int, settings: EvalSettings, label: str, rule: ExitRule | None = None
+) -> dict:
+    """Token-weighted mean cross entropy over the validation batches of prepared shards. With an exit `rule`
+    each row is decoded token by token as generation would (teacher-forced `teacher_forced`, r = r_max)."""
     from retro.data.loader import build_val_batches
     from retro.data.shards import check_tokenizer_matches
 
@@ -119,6 +144,9 @@ def eval_loss(model, data: str | Path, r: int, settings: EvalSettings, label: st
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(settings.seed)  # one stream of s0 draws over all batches
     batches = build_val_batches(data, settings.seq_len, settings.batch_size, 0, 1, settings.limit)
+    if rule is not None:
+        return _adaptive_loss(model, batches, r, settings, rule, label)
+    began = time.perf_counter()
     result = token_weighted_loss(
         model,
         tqdm(batches, desc=f"{label} r={r}", unit="batch", leave=False),
@@ -132,6 +160,30 @@ def eval_loss(model, data: str | Path, r: int, settings: EvalSettings, label: st
         "metrics": {"loss": result.loss},
         "mean_passes": r if model.config.is_recurrent else 0,
         "tokens": result.tokens,
+        "tokens_per_s": result.tokens / (time.perf_counter() - began),
+    }
+
+
+def _adaptive_loss(model, batches, r: int, settings: EvalSettings, rule: ExitRule, label: str) -> dict:
+    generation = GenerationSettings(
+        num_recurrences=r, share_block_cache=settings.share_kv_cache, adaptive_exit=rule, seed=settings.seed
+    )
+    nll = tokens = passes = 0.0
+    began = time.perf_counter()
+    for batch in tqdm(batches, desc=f"{label} r<={r} {rule}", unit="batch", leave=False):
+        scored = teacher_forced(model, batch["input_ids"], batch["labels"], generation)
+        counted = batch["labels"].to(scored.nll.device) != -100
+        nll += float(scored.nll.double().sum())
+        tokens += float(counted.sum())
+        passes += float(scored.passes[counted].double().sum())
+    if tokens == 0:
+        raise ValueError("no validation tokens")
+    seconds = time.perf_counter() - began
+    return {
+        "metrics": {"loss": nll / tokens},
+        "mean_passes": passes / tokens,
+        "tokens": int(tokens),
+        "tokens_per_s": tokens / seconds,
     }
 
 
@@ -175,20 +227,23 @@ def evaluate_model(
     tokenizer = load_tokenizer(path, settings.add_bos, model.config) if task is not None else None
     static = not model.config.is_recurrent
     entry = {"model": str(path), "label": label, "static": static, "runs": []}
+    rules = [None] if static else exit_rules(settings)  # a static model has no depth to adapt: one plain run
     for r in recurrences[:1] if static else recurrences:
-        start = time.perf_counter()
-        if task is None:
-            run_result = eval_loss(model, data, r, settings, label)
-        else:
-            run_result = eval_generation(model, tokenizer, task, r, settings, label)
-        n = run_result.get("tokens", len(run_result.get("examples", [])))
-        run = {
-            "recurrences": None if static else r,
-            "n": n,
-            "seconds": round(time.perf_counter() - start, 3),
-            **run_result,
-        }
-        entry["runs"].append(run)
-        if on_run is not None:
-            on_run(entry, run)
+        for rule in rules:
+            start = time.perf_counter()
+            if task is None:
+                run_result = eval_loss(model, data, r, settings, label, rule)
+            else:
+                run_result = eval_generation(model, tokenizer, task, r, settings, label, rule)
+            n = run_result.get("tokens", len(run_result.get("examples", [])))
+            run = {
+                "recurrences": None if static else r,
+                "exit": None if rule is None else str(rule),
+                "n": n,
+                "seconds": round(time.perf_counter() - start, 3),
+                **run_result,
+            }
+            entry["runs"].append(run)
+            if on_run is not None:
+                on_run(entry, run)
     return entry

@@ -6,24 +6,22 @@ attends to the K/V that the same pass produced for earlier tokens, which is what
 recomputation at a fixed r sees. `share_block_cache=True` keeps one buffer per block layer instead
 (r times less block memory): earlier tokens then expose only their last pass's K/V to every pass.
 
-Adaptive exit (decode steps only; the prompt runs r_max passes): after each pass the coda, final
-norm and head give a next-token distribution; a token stops iterating when KL(previous || current)
-falls below the threshold (or at r_max). Its state is frozen from then on, and the block K/V slots
-of the passes it skipped receive a copy of its exit pass's K/V (as the Huginn paper's KV sharing
-does), so later tokens attending through those passes see the exit state. In a batch, rows that
-have exited still ride along in the block's matmuls until every row has exited; their results are
-discarded, so batched and one-by-one decoding agree.
+Adaptive exit (decode steps only; the prompt runs r_max passes) is retro/inference/adaptive.py: an exit rule
+(kl, state or entropy, a threshold, a minimum r) per token, and a step that runs each pass on the rows still
+iterating only. Exited rows' skipped block passes get a copy of their exit pass's K/V. Batched and one-by-one
+decoding agree. `teacher_forced` runs the same steps over given tokens (loss and accuracy under adaptive exit).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from retro.inference.adaptive import ExitRule, adaptive_step, as_exit_rule
 from retro.model.modeling import RetroForCausalLM
 
 
@@ -42,15 +40,22 @@ class _Slot:
         end = start + key.size(2)
         if end > self.k.size(2):
             raise ValueError(f"KV cache overflow: {end} positions needed, cache holds {self.k.size(2)}")
-        self.k[:, :, start:end] = key
-        self.v[:, :, start:end] = value
-        return self.k[:, :, :end], self.v[:, :, :end]
+        rows = self.cache.rows
+        if rows is None:
+            self.k[:, :, start:end] = key
+            self.v[:, :, start:end] = value
+            return self.k[:, :, :end], self.v[:, :, :end]
+        self.k[rows, :, start:end] = key  # only the rows still iterating (adaptive exit)
+        self.v[rows, :, start:end] = value
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 class StaticKVCache:
     """Preallocated K/V for every (stage, pass, layer) of a retro model (see `retro.model.KVCache`).
 
     `past_length` counts the positions already written; call `advance(T)` once after each forward.
+    `rows` (a long tensor of batch rows, or None for all) restricts reads and writes to those rows: the
+    adaptive-exit step sets it while it runs a pass on the rows still iterating.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class StaticKVCache:
         param = model.lm_head.weight
         shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
         self.past_length = 0
+        self.rows: torch.Tensor | None = None
         self.max_length = max_length
         self.num_passes = num_passes if config.is_recurrent else 0
         self.share_block_cache = share_block_cache
@@ -94,19 +100,18 @@ class StaticKVCache:
         unique = {id(s): s for s in self._slots.values()}.values()
         return sum(s.k.numel() * s.k.element_size() * 2 for s in unique)
 
-    def copy_pass(self, src: int, dst: int, rows: torch.Tensor | None, num_tokens: int) -> None:
-        """Copy pass `src`'s K/V of the newest `num_tokens` positions into pass `dst` (rows: bool [B] or all)."""
-        if self.share_block_cache or src == dst:
-            return
+    def fill_later_passes(self, rows: torch.Tensor, exit_pass: int, num_tokens: int) -> None:
+        """Rows that exited at `exit_pass`: copy that pass's K/V of the newest `num_tokens` positions into every
+        later pass's slot, so later tokens attending through those passes see the exit state (no recompute)."""
+        if self.share_block_cache:
+            return  # the one buffer already holds the exit pass's K/V
         start, end = self.past_length, self.past_length + num_tokens
         for i in range(self.n_recurrent):
-            a, b = self._slots[("block", src, i)], self._slots[("block", dst, i)]
-            for x, y in ((a.k, b.k), (a.v, b.v)):
-                if rows is None:
-                    y[:, :, start:end] = x[:, :, start:end]
-                else:
-                    keep = rows[:, None, None, None]
-                    y[:, :, start:end] = torch.where(keep, x[:, :, start:end], y[:, :, start:end])
+            src = self._slots[("block", exit_pass, i)]
+            for dst_pass in range(exit_pass + 1, self.num_passes):
+                dst = self._slots[("block", dst_pass, i)]
+                dst.k[rows, :, start:end] = src.k[rows, :, start:end]
+                dst.v[rows, :, start:end] = src.v[rows, :, start:end]
 
 
 @dataclass
@@ -120,7 +125,7 @@ class GenerationSettings:
     top_k: int = 0
     top_p: float = 1.0
     share_block_cache: bool = False
-    adaptive_exit: float | None = None
+    adaptive_exit: ExitRule | float | str | None = None  # a rule, or a bare KL threshold (the older form)
     seed: int = 0
 
     def validate(self) -> None:
@@ -132,8 +137,12 @@ class GenerationSettings:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.adaptive_exit is not None and not (math.isfinite(self.adaptive_exit) and self.adaptive_exit >= 0):
-            raise ValueError(f"adaptive_exit threshold must be a finite number >= 0, got {self.adaptive_exit}")
+        rule = self.exit_rule()
+        if rule is not None:
+            rule.validate()
+
+    def exit_rule(self) -> ExitRule | None:
+        return as_exit_rule(self.adaptive_exit)
 
 
 @dataclass
@@ -190,40 +199,6 @@ def _fixed_step(model, ids, mask, pos, cache, r, generator) -> torch.Tensor:
     return model.lm_head(hidden[:, -1])
 
 
-def _adaptive_step(model, ids, mask, pos, cache: StaticKVCache, r_max: int, threshold: float, generator):
-    """One decode step with a per-row exit; returns last-position logits [B, V] and passes used [B].
-
-    The model's own stages (as in its forward, autocast included), with the recurrent block run pass by pass.
-    """
-    m = model.model
-    e, rope, mask4 = m.embed_and_prelude(ids, mask, pos, cache)
-    core = m.recurrent  # called pass by pass (outside its forward): single-device eval, not FSDP-sharded
-    injection, state = core.start(e, m.initial_state(e, generator))
-    batch = ids.size(0)
-    exited = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    passes = torch.full((batch,), r_max, dtype=torch.long, device=ids.device)
-    prev_logp = logits = None
-    for p in range(r_max):
-        new_state = core.recurrence_pass(state, injection, rope, mask4, cache, p)
-        if p > 0:
-            new_state = torch.where(exited[:, None, None], state, new_state)
-            cache.copy_pass(p - 1, p, exited, ids.size(1))
-        state = new_state
-        logits = model.lm_head(m.coda_and_norm(state, rope, mask4, cache)[:, -1])
-        logp = F.log_softmax(logits.float(), dim=-1)
-        if prev_logp is not None:
-            kl = (prev_logp.exp() * (prev_logp - logp)).sum(-1).clamp_min(0)
-            newly = ~exited & (kl < threshold)
-            passes = torch.where(newly, p + 1, passes)
-            exited |= newly
-            if bool(exited.all()):
-                for rest in range(p + 1, r_max):
-                    cache.copy_pass(p, rest, None, ids.size(1))
-                break
-        prev_logp = logp
-    return logits, passes
-
-
 @torch.no_grad()
 def generate(
     model: RetroForCausalLM,
@@ -245,6 +220,7 @@ def generate(
     r = settings.num_recurrences
     cache = StaticKVCache(model, batch, prompt_len + settings.max_new_tokens, r, settings.share_block_cache)
     generator = torch.Generator(device).manual_seed(settings.seed)
+    rule = settings.exit_rule()
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     passes_default = r if model.config.is_recurrent else 0
 
@@ -274,14 +250,63 @@ def generate(
             break
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
         pos = pos[:, -1:] + 1
-        if settings.adaptive_exit is None:
+        if rule is None:
             logits = _fixed_step(model, token[:, None], mask, pos, cache, r, generator)
         else:
-            logits, passes = _adaptive_step(
-                model, token[:, None], mask, pos, cache, r, settings.adaptive_exit, generator
-            )
+            logits, passes = adaptive_step(model, token[:, None], mask, pos, cache, r, rule, generator)
         cache.advance(1)
     return GenerationOutput(torch.stack(tokens, 1), num_generated, torch.stack(used, 1))
+
+
+class Scored(NamedTuple):
+    nll: torch.Tensor  # [B, T] cross entropy of labels[:, t] given tokens up to t (0 where ignored)
+    correct: torch.Tensor  # [B, T] bool: argmax at t == labels[:, t]
+    passes: torch.Tensor  # [B, T] recurrent passes that produced the prediction at t
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: RetroForCausalLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    settings: GenerationSettings,
+    prefix: int = 1,
+) -> Scored:
+    """Predictions at every position of given tokens [B, T] (no padding), decoded as `generate` would: the first
+    `prefix` tokens run r passes at once (the prompt), then each later token is one decode step (adaptive with
+    `settings.adaptive_exit`, else fixed r). `labels` are aligned with the inputs (-100: not scored)."""
+    settings.validate()
+    device = model.lm_head.weight.device
+    ids, labels = input_ids.to(device), labels.to(device)
+    batch, length = ids.shape
+    r, rule = settings.num_recurrences, settings.exit_rule()
+    if rule is not None and not model.config.is_recurrent:
+        raise ValueError("adaptive exit needs a recurrent model; this checkpoint is static (n_recurrent = 0)")
+    if not 1 <= prefix <= length:
+        raise ValueError(f"prefix must be in [1, {length}], got {prefix}")
+    cache = StaticKVCache(model, batch, length, r, settings.share_block_cache)
+    generator = torch.Generator(device).manual_seed(settings.seed)
+    mask = torch.ones(batch, prefix, dtype=torch.bool, device=device)
+    pos = positions_from_mask(mask)
+    hidden = model.model(ids[:, :prefix], mask, pos, r if model.config.is_recurrent else None, cache, None, generator)
+    logits = [model.lm_head(hidden)]
+    passes_default = r if model.config.is_recurrent else 0
+    passes = [torch.full((batch, prefix), passes_default, dtype=torch.long, device=device)]
+    cache.advance(prefix)
+    for t in range(prefix, length):
+        mask = torch.ones(batch, t + 1, dtype=torch.bool, device=device)
+        pos = torch.full((batch, 1), t, dtype=torch.long, device=device)
+        if rule is None:
+            step, used = _fixed_step(model, ids[:, t : t + 1], mask, pos, cache, r, generator), None
+        else:
+            step, used = adaptive_step(model, ids[:, t : t + 1], mask, pos, cache, r, rule, generator)
+        logits.append(step[:, None])
+        passes.append(torch.full((batch, 1), passes_default, device=device) if used is None else used[:, None])
+        cache.advance(1)
+    all_logits = torch.cat(logits, 1).float()
+    scored = labels != -100
+    nll = F.cross_entropy(all_logits.transpose(1, 2), labels.clamp_min(0), reduction="none") * scored
+    return Scored(nll, (all_logits.argmax(-1) == labels) & scored, torch.cat(passes, 1))
 
 
 @dataclass

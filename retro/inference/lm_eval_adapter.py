@@ -6,9 +6,10 @@
 is given. From Python, pass `RetroLM(pretrained=..., recurrences=8)` to `lm_eval.simple_evaluate`.
 
 Log-likelihood requests call the model with `num_recurrences=r`; generation requests use
-retro.inference.generate (KV cache across passes, left-padding masks; optional `adaptive_exit=THRESH` and
-`share_kv_cache=True`). `state_init=zeros|embed|trunc_normal` overrides the checkpoint's s0 init; `seed`
-seeds the s0 draws. Needs the `[eval]` extra.
+retro.inference.generate (KV cache across passes, left-padding masks; optional `adaptive_exit=RULE`, RULE being
+`{kl,state,entropy}:THRESHOLD` or a bare KL threshold as `retro.eval --adaptive-exit` takes one, with
+`adaptive_min_r=N`, and `share_kv_cache=True`). `state_init=zeros|embed|trunc_normal` overrides the
+checkpoint's s0 init; `seed` seeds the s0 draws. Needs the `[eval]` extra.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 import retro  # noqa: F401  (registers RetroConfig / RetroForCausalLM with the Auto classes)
+from retro.inference.adaptive import parse_exit_rule
 from retro.inference.generate import GenerationSettings, StopStrings, generate
 from retro.inference.task_base import LM_EVAL_TASKS_DIR
 
@@ -31,13 +33,16 @@ class RetroLM(HFLM):
         pretrained: str,
         recurrences: int = 8,
         state_init: str | None = None,
-        adaptive_exit: float | None = None,
+        adaptive_exit: str | float | None = None,
+        adaptive_min_r: int = 1,
         share_kv_cache: bool = False,
         seed: int = 0,
         **kwargs,
     ) -> None:
         if int(recurrences) < 1:
             raise ValueError(f"recurrences must be >= 1, got {recurrences}")
+        # Checked before the weights load; 'kl:1e-3' and '1e-3' alike (lm-eval passes model_args as strings).
+        rule = None if adaptive_exit in (None, "None") else parse_exit_rule(str(adaptive_exit), int(adaptive_min_r))
         if state_init is not None:
             kwargs["state_init"] = state_init  # forwarded to from_pretrained, which overrides the config field
         super().__init__(pretrained=pretrained, **kwargs)
@@ -46,7 +51,7 @@ class RetroLM(HFLM):
                 f"{pretrained} is a {self.model.config.model_type!r} checkpoint, not a retro one; use --model hf"
             )
         self.recurrences = int(recurrences)
-        self.adaptive_exit = None if adaptive_exit in (None, "None") else float(adaptive_exit)
+        self.adaptive_exit = rule
         self.share_kv_cache = str(share_kv_cache).lower() in ("1", "true")
         self.seed = int(seed)
         self._s0_generator = torch.Generator(self.model.lm_head.weight.device).manual_seed(self.seed)

@@ -13,31 +13,38 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_results(results: dict, path: str | Path) -> None:
     """Draw every model of a `retro.eval` results dict; static models (no recurrence) are flat lines.
 
-    With adaptive exit the x value is the mean number of passes actually used.
+    The x value is the mean number of passes per token actually used: r for fixed-r runs (dots, solid line),
+    less for each adaptive exit rule (its own series, crosses, dashed), so an exit rule's quality reads
+    against fixed r at the same compute.
     """
     loss = results["task"] == "loss"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     styles = ["-", "--", ":", "-."]
+    scale = 1.0 if loss else 100.0
+    adaptive = False
     for i, model in enumerate(results["models"]):
-        color = f"C{i}"
         for j, metric in enumerate(results["metrics"]):
             label = model["label"] if len(results["metrics"]) == 1 else f"{model['label']} ({metric})"
-            scale = 1.0 if loss else 100.0
             runs = model["runs"]
             if model["static"]:
                 ax.axhline(
-                    runs[0]["metrics"][metric] * scale, color=color, linestyle=styles[j % 4], label=f"{label}, static"
+                    runs[0]["metrics"][metric] * scale, color=f"C{i}", linestyle=styles[j % 4], label=f"{label}, static"
                 )
                 continue
-            xs = [run["mean_passes"] for run in runs]
-            ys = [run["metrics"][metric] * scale for run in runs]
-            ax.plot(xs, ys, marker="o", color=color, linestyle=styles[j % 4], label=label)
+            rules = list(dict.fromkeys(run.get("exit") for run in runs))
+            for k, rule in enumerate(rules):
+                series = [run for run in runs if run.get("exit") == rule]
+                xs = [run["mean_passes"] for run in series]
+                ys = [run["metrics"][metric] * scale for run in series]
+                color = f"C{(i * len(rules) + k) % 10}"
+                if rule is None:
+                    ax.plot(xs, ys, marker="o", color=color, linestyle=styles[j % 4], label=f"{label}, fixed r")
+                else:
+                    adaptive = True
+                    ax.plot(xs, ys, marker="x", color=color, linestyle="--", label=f"{label}, exit {rule}")
     if not all(model["static"] for model in results["models"]):
         ax.set_xscale("log", base=2)
-    ax.set_xlabel(
-        "test recurrence r"
-        + (" (mean passes used, adaptive exit)" if results["settings"].get("adaptive_exit") is not None else "")
-    )
+    ax.set_xlabel("mean recurrent passes per token (fixed r: r)" if adaptive else "test recurrence r")
     ax.set_ylabel("validation loss" if loss else f"{results['task']} accuracy (%)")
     ax.set_title(f"{results['task']}: {results['data']}", fontsize=9)
     ax.grid(alpha=0.3)

@@ -23,6 +23,8 @@ class FlopModel:
     n_stage_layers: int
     n_block_layers: int
     seq_len: int
+    coda_params: int = 0  # the coda's share of stage_params (what a per-pass readout repeats)
+    n_coda_layers: int = 0
 
     @classmethod
     def from_config(cls, config: RetroConfig, seq_len: int) -> FlopModel:
@@ -38,6 +40,8 @@ class FlopModel:
             n_stage_layers=config.n_prelude + config.n_coda,
             n_block_layers=config.n_recurrent,
             seq_len=seq_len,
+            coda_params=layer * config.n_coda,
+            n_coda_layers=config.n_coda,
         )
 
     def per_token(self, n: int, k: int) -> float:
@@ -52,3 +56,13 @@ class FlopModel:
         attn = self.seq_len * self.attn_dim
         weights = self.stage_params + self.head_params + self.inject_params + r * self.pass_params
         return float(2 * weights + 4 * attn * (self.n_stage_layers + r * self.n_block_layers))
+
+    def decode_token(self, passes: int, readouts: int = 1) -> float:
+        """Forward FLOPs of one decoded token attending to `seq_len` positions: `passes` block passes and
+        `readouts` coda + head evaluations (1 at fixed r or with the state exit test; one per pass with the kl
+        and entropy tests). Adaptive exit makes `passes` per token vary; this is what each token costs."""
+        attn = 4 * self.seq_len * self.attn_dim
+        prelude, n_prelude = self.stage_params - self.coda_params, self.n_stage_layers - self.n_coda_layers
+        weights = prelude + self.inject_params + passes * self.pass_params
+        weights += readouts * (self.coda_params + self.head_params)
+        return float(2 * weights + attn * (n_prelude + passes * self.n_block_layers + readouts * self.n_coda_layers))

@@ -4,7 +4,7 @@ Single-device code: sharding, activation checkpointing and compile are applied f
 (retro/distributed/parallelize.py); `RecurrentCore.checkpoint_passes` is the hook for per-recurrence
 checkpointing. Each stage is one method (`RetroModel.embed_and_prelude`, `RecurrentCore.start` +
 `recurrence_pass`, `RetroModel.coda_and_norm`) that `RetroModel.forward` and the adaptive-exit decoder
-(retro/inference/generate.py, which runs the passes one by one) share.
+(retro/inference/adaptive.py, which runs the passes one by one on the rows still iterating) share.
 """
 
 from __future__ import annotations

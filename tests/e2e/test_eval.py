@@ -152,7 +152,8 @@ def test_gsm8k_two_models_writes_json_table_plot(setup, tmp_path, capsys):
     assert [run["mean_passes"] for run in rec["runs"]] == [1.0, 2.0]
     table = (out / "results.md").read_text().splitlines()
     assert (
-        table[0] == "| model | r | mean passes | strict-match (%) | flexible-extract (%) | flexible-numeric (%) | n |"
+        table[0] == "| model | r | exit | mean passes | strict-match (%) | flexible-extract (%) | flexible-numeric (%) "
+        "| n | tok/s |"
     )
     assert len(table) == 2 + 3 and "| static | static |" in table[-1]
     assert (out / "gsm8k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -291,6 +292,56 @@ def test_math_with_adaptive_exit(setup, tmp_path, capsys):
     assert (out / "math.png").is_file()
 
 
+def test_exit_rules_with_fixed_r_beside(setup, tmp_path, capsys):
+    """--adaptive-exit takes {kl,state,entropy}:T rules and 'fixed'; each r runs once per rule, with the rule, the
+    mean passes and tokens/s recorded, plotted against mean passes; --adaptive-min-r holds every decoded token to
+    at least that many passes (kl:1e9 exits at the first allowed pass: exactly 3 here)."""
+    out = tmp_path / "rules"
+    argv = ["--model", setup["recurrent"], "--model", setup["static"], "--task", "gsm8k", "--data", setup["gsm8k"]]
+    rc, stdout, err = run_eval(
+        capsys,
+        *argv,
+        *("--recurrences", "4", "--max-new-tokens", "6", "--batch-size", "5"),
+        *("--adaptive-exit", "kl:1e9,fixed", "--adaptive-min-r", "3", "--out", out),
+    )
+    assert rc == 0, err
+    results = json.loads((out / "results.json").read_text())
+    adaptive, fixed = results["models"][0]["runs"]
+    assert (adaptive["exit"], fixed["exit"]) == ("kl:1e+09:min3", None)
+    assert fixed["mean_passes"] == 4.0 and adaptive["tokens_per_s"] > 0 and fixed["tokens_per_s"] > 0
+    for e in adaptive["examples"]:  # the first token comes from the prompt (4 passes), each later one exits at 3
+        assert e["mean_passes"] == pytest.approx((4 + 3 * (e["tokens"] - 1)) / e["tokens"])
+    assert len(results["models"][1]["runs"]) == 1 and results["models"][1]["runs"][0]["exit"] is None
+    table = (out / "results.md").read_text()
+    assert "| recurrent | 4 | kl:1e+09:min3 |" in table and "| recurrent | 4 | fixed | 4.00 |" in table
+    assert "exit kl:1e+09:min3" in stdout and (out / "gsm8k.png").is_file()
+
+
+def test_loss_under_adaptive_exit(setup, tmp_path, capsys):
+    """--task loss with exit rules decodes each row token by token: a rule that never exits (kl:0) gives the
+    fixed-r loss of one forward, a rule that always exits uses 2 passes per token after the first."""
+    from retro.data.prepare import main as prepare_main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Line {i}: the cat sat on mat number {i * 7}.\n" for i in range(40)))
+    shards = tmp_path / "shards"
+    prepare = ["--input", text, "--tokenizer", setup["recurrent"], "--out", shards, "--val-fraction", "0.5"]
+    assert prepare_main([str(a) for a in [*prepare, "--quiet"]]) == 0
+    out = tmp_path / "loss"
+    rc, _, err = run_eval(
+        capsys,
+        *("--model", setup["recurrent"], "--task", "loss", "--data", shards, "--recurrences", "3"),
+        *("--seq-len", "16", "--batch-size", "2", "--limit", "2", "--adaptive-exit", "fixed,kl:0,kl:1e9"),
+        *("--out", out),
+    )
+    assert rc == 0, err
+    fixed, never, always = json.loads((out / "results.json").read_text())["models"][0]["runs"]
+    assert never["metrics"]["loss"] == pytest.approx(fixed["metrics"]["loss"], rel=1e-5)
+    assert never["mean_passes"] == 3.0 and never["tokens"] == fixed["tokens"] == 2 * 2 * 16
+    assert always["mean_passes"] == pytest.approx((3 + 2 * 15) / 16)
+    assert always["metrics"]["loss"] != pytest.approx(fixed["metrics"]["loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -301,6 +352,9 @@ def test_math_with_adaptive_exit(setup, tmp_path, capsys):
         (["--recurrences", "1,x"], "comma-separated integers"),
         (["--model", "{tmp}/nomodel"], "nomodel has no config.json"),
         (["--fewshot", "9"], "--fewshot must be between 0 and"),
+        (["--adaptive-exit", "depth:1"], "--adaptive-exit must be {kl,state,entropy}:THRESHOLD"),
+        (["--adaptive-exit", "state:nan"], "finite state threshold >= 0, got nan"),
+        (["--adaptive-exit", "kl:1", "--adaptive-min-r", "0"], "--adaptive-min-r must be >= 1"),
     ],
 )
 def test_bad_input_errors(setup, tmp_path, capsys, args, message):

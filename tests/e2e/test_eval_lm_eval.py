@@ -128,6 +128,31 @@ def test_lm_eval_rejects_bad_recurrences(tmp_path):
         RetroLM(pretrained=str(tmp_path), recurrences=0)
 
 
+def test_lm_eval_takes_exit_rules(tmp_path):
+    """adaptive_exit=RULE and adaptive_min_r=N as model_args (strings): generation equals retro's own adaptive
+    decoding with that rule; a bad rule is refused before any weight loads."""
+    from retro.inference.adaptive import ExitRule
+    from retro.inference.lm_eval_adapter import RetroLM
+
+    with pytest.raises(ValueError, match="must be {kl,state,entropy}"):
+        RetroLM(pretrained=str(tmp_path), adaptive_exit="depth:1")
+    ckpt = tiny_models(tmp_path)["recurrent"]
+    lm = RetroLM(
+        pretrained=str(ckpt), recurrences="4", adaptive_exit="kl:1e9", adaptive_min_r="3", device="cpu", dtype="float32"
+    )
+    rule = ExitRule("kl", 1e9, 3)
+    assert lm.adaptive_exit == rule
+    prompts = [f"Q: {d['question']}\nA:" for d in GEN_DOCS]
+    ours = generate_text(lm.model, lm.tokenizer, prompts, GenerationSettings(6, 4, adaptive_exit=rule))
+    assert all(c.mean_passes == pytest.approx((4 + 3 * (c.num_tokens - 1)) / c.num_tokens) for c in ours)
+    for prompt, mine in zip(prompts, ours):
+        context = torch.tensor([lm.tokenizer(prompt)["input_ids"]])
+        row = lm._model_generate(context, context.size(1) + 6, [])[0, context.size(1) :]
+        assert lm.tokenizer.decode(row[: mine.num_tokens].tolist(), skip_special_tokens=True) == mine.text
+    legacy = RetroLM(pretrained=str(ckpt), recurrences=4, adaptive_exit="1e-3", device="cpu", dtype="float32")
+    assert legacy.adaptive_exit == ExitRule("kl", 1e-3)
+
+
 # GSM8K-style documents; the last question is long enough to be left-truncated at max_length 1024.
 PAPER_DOCS = [
     {"question": "Ann has 2 apples and buys 3 more. How many apples does she have?"},
