@@ -61,9 +61,12 @@ def read_run_config(run: Path, ckpt: Path) -> tuple[float, Path]:
     if not path.is_file():
         path = run / "config.json"
     try:
-        config = json.loads(path.read_text())
-        config = config.get("job", config) if path.name == checkpoint.RECORD else config
-        return float(config["recurrence"]["max_mean"]), Path(config["model"]["path"])
+        record = json.loads(path.read_text())
+        config = record.get("job", record) if path.name == checkpoint.RECORD else record
+        model_path = Path(config["model"]["path"])
+        if not model_path.is_absolute() and path.name == checkpoint.RECORD and record.get("cwd"):
+            model_path = Path(record["cwd"]) / model_path  # relative to where the run was started, not to here
+        return float(config["recurrence"]["max_mean"]), model_path
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"{path}: not the config a `retro.train` run wrote (no recurrence.max_mean or model.path: {error!r}); "

@@ -165,7 +165,8 @@ def plot(metrics: LayerMetrics, best: Scored, paper: Scored, knees: tuple[int, i
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     inputs = {"the source model": Path(args.model), "--data": Path(args.data)}
-    check_output_dir(out, args.force or (out / "selection.json").is_file(), inputs)
+    own_only = out.is_dir() and {p.name for p in out.iterdir()} <= {"selection.json", "selection.png"}
+    check_output_dir(out, args.force or own_only, inputs)  # an earlier selection alone is replaced without --force
     config, where, load_kwargs = load_source(args.model, args.gguf_file)
     num_layers, vocab = config.num_hidden_layers, config.vocab_size
     shards = TokenShards(args.data, split=args.split)

@@ -40,7 +40,7 @@ from retro.data.manifest import (
     vocab_hash,
 )
 from retro.data.sources import Source, resolve_inputs
-from retro.hf.output_dir import staged_output
+from retro.hf.output_dir import check_not_a_run, staged_output
 
 log = logging.getLogger("retro.data.prepare")
 
@@ -127,6 +127,7 @@ def check_output(out: Path, sources: list[Source], tokenizer_name: str, overwrit
             raise ValueError(f"{flag} {path} is inside --out {out}; write the shards to another directory")
         if path.is_dir() and where.is_relative_to(path.resolve()):
             raise ValueError(f"--out {out} is inside {flag} {path}; write the shards outside it")
+    check_not_a_run(out)  # never into a training run's directory or its folders, even with --overwrite
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():

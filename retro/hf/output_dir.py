@@ -22,9 +22,48 @@ TOKENIZER_FILES = (
 )
 
 
+RUN_LOCK_NAME = ".retro-lock"  # retro/training/run_lock.py's lock file, named here to recognise a run directory
+RUN_FOLDERS = ("checkpoints", "superseded", "model_config", "tensorboard")  # what a run writes below itself
+
+
+def is_run_dir(path: Path) -> bool:
+    """A retro.train run directory: locked by a live run, or holding a run's config.json and checkpoints/."""
+    return (path / RUN_LOCK_NAME).is_file() or ((path / "config.json").is_file() and (path / "checkpoints").is_dir())
+
+
+def run_dirs_below(path: Path, depth: int = 3) -> Iterator[Path]:
+    """Run directories strictly below `path`, up to `depth` levels down (cheap on a large folder)."""
+    if depth == 0 or not path.is_dir():
+        return
+    try:
+        children = sorted(child for child in path.iterdir() if child.is_dir() and not child.is_symlink())
+    except OSError:
+        return
+    own = RUN_FOLDERS if is_run_dir(path) else ()
+    for child in children:
+        if child.name in own:
+            continue  # a run's own folders
+        if is_run_dir(child):
+            yield child
+        else:
+            yield from run_dirs_below(child, depth - 1)
+
+
+def check_not_a_run(out_dir: Path, flag: str = "--out") -> None:
+    """A training run's directory is never an output of another command, with or without --force: it
+    would replace its checkpoints and metrics, or write into its folders. A new folder beside them
+    (RUN/eval) is fine."""
+    out = out_dir.resolve()
+    inside = next((p for p in out.parents if is_run_dir(p) and out.relative_to(p).parts[0] in RUN_FOLDERS), None)
+    found = out if is_run_dir(out) else inside or next(run_dirs_below(out), None)
+    if found is not None:
+        how = "is" if found == out else ("is inside" if out.is_relative_to(found) else "contains")
+        raise ValueError(f"{flag} {out_dir} {how} the training run directory {found}; write the output somewhere else")
+
+
 def check_apart(out_dir: Path, keep: dict[str, Path]) -> None:
     """Refuse an --out that is, holds or lies inside a path of `keep` ({what: path}: inputs the command
-    must not replace or write into)."""
+    must not replace or write into), or a training run's directory."""
     out = out_dir.resolve()
     for what, path in keep.items():
         other = path.resolve()
@@ -34,6 +73,7 @@ def check_apart(out_dir: Path, keep: dict[str, Path]) -> None:
             raise ValueError(f"--out {out_dir} contains {what} {path}; replacing it would delete it")
         if out.is_relative_to(other):
             raise ValueError(f"--out {out_dir} is inside {what} {path}; write the output outside it")
+    check_not_a_run(out_dir)
 
 
 def check_output_dir(out_dir: Path, force: bool, keep: dict[str, Path]) -> None:

@@ -224,6 +224,41 @@ def supersede(out_dir: Path, say=print) -> Path | None:
     return target
 
 
+def set_aside_other_branches(out_dir: Path, run_id: str | None, step: int, say=print) -> Path | None:
+    """On a resume from step `step` of run line `run_id`: move every complete checkpoint of another line, or
+    of this line past `step` (an explicit resume of an older checkpoint forks the line), into
+    OUT/superseded/<UTC time>/, so that neither `--resume auto` nor export picks them later; with another
+    line's checkpoints its metrics.jsonl goes too. Returns where they went (None: nothing to move)."""
+    others = [
+        path
+        for path in complete_checkpoints(out_dir)
+        if run_id_of(path) != run_id or int(path.name.removeprefix("step_")) > step
+    ]
+    if not others:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = out_dir / SUPERSEDED / stamp
+    for suffix in range(1, 1000):
+        if not target.exists():
+            break
+        target = out_dir / SUPERSEDED / f"{stamp}-{suffix}"
+    (target / "checkpoints").mkdir(parents=True)
+    for path in others:
+        path.rename(target / "checkpoints" / path.name)
+    moved = [p.name for p in others]
+    if (
+        any(run_id_of(target / "checkpoints" / name) != run_id for name in moved)
+        and (out_dir / "metrics.jsonl").exists()
+    ):
+        (out_dir / "metrics.jsonl").rename(target / "metrics.jsonl")  # the other line's record of its steps
+        moved.append("metrics.jsonl")
+    say(
+        f"retro.train: note: resuming step {step} of run {run_id or '(unrecorded)'}: {', '.join(moved)} of another "
+        f"run line or past this step moved to {target}, so that neither --resume auto nor export picks them"
+    )
+    return target
+
+
 def prune(out_dir: Path, keep_last: int, run_id: str | None) -> None:
     """Delete all but the newest `keep_last` complete checkpoints of run line `run_id` (by name pattern
     and record; any other checkpoint is left alone), the COMPLETE marker first, so a kill mid-deletion

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -155,8 +156,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         name, value = override.split("=", 1)
         section, key = name.split(".", 1)
         _set(config, section, key, value)
+    expand_user_paths(config)
     validate(config)
     return config
+
+
+def expand_user_paths(job: JobConfig) -> None:
+    """`~` in a path key means the home directory, as in a shell (a quoted `'~/runs/x'` reaches us
+    unexpanded, and would otherwise become a folder literally named `~`)."""
+
+    def expand(path: str) -> str:
+        return os.path.expanduser(path) if path.startswith("~") else path
+
+    job.train.out_dir = expand(job.train.out_dir)
+    job.model.path = expand(job.model.path)
+    job.data.train = [expand(source) for source in job.data.train]
+    job.data.val = expand(job.data.val)
+    job.distill.teacher = expand(job.distill.teacher)
 
 
 def save_config(config: JobConfig, path: Path) -> None:

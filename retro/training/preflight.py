@@ -7,17 +7,18 @@ Each failure is a ConfigError naming the key or file (exit 2), so a wrong input 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from retro.data.manifest import ShardFormatError
 from retro.data.mixture import Reshard
 from retro.data.shards import TokenShards, check_tokenizer_matches, tokenizer_dir
+from retro.hf.output_dir import is_run_dir, run_dirs_below
 from retro.model.config import RetroConfig
 from retro.training.distill import check_teacher
 from retro.training.errors import ConfigError
 from retro.training.job_config import JobConfig
 from retro.training.recurrence import draw_group_size
-from retro.training.run_lock import LOCK_NAME
 
 
 def check_data(job: JobConfig, model_config: RetroConfig | None, world_size: int) -> None:
@@ -98,6 +99,8 @@ def check_out_dir(job: JobConfig) -> None:
                 f"train.out_dir = {job.train.out_dir} ({out}) {how} {key} = {path} ({other}): a run directory "
                 "must be apart from its inputs; choose another train.out_dir"
             )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.out_dir = {job.train.out_dir} is a file, not a directory")
     other_run = next((p for p in out.parents if is_run_dir(p)), None) or next(run_dirs_below(out), None)
     if other_run is not None:
         how = "sits inside" if out.is_relative_to(other_run) else "contains"
@@ -105,29 +108,29 @@ def check_out_dir(job: JobConfig) -> None:
             f"train.out_dir = {job.train.out_dir} ({out}) {how} the run directory {other_run}: its checkpoints, "
             "metrics and config would mix with this run's (or be pruned by it); choose another train.out_dir"
         )
+    foreign = foreign_contents(out) if out.is_dir() and not is_run_dir(out) else None
+    if foreign is not None:
+        raise ConfigError(
+            f"train.out_dir = {job.train.out_dir} holds {foreign}, so it is a model or data directory, not a run "
+            "directory: a run would replace its config.json; choose another train.out_dir"
+        )
 
 
-def is_run_dir(path: Path) -> bool:
-    """A retro.train run directory: locked by a live run, or holding a run's config.json and checkpoints/."""
-    return (path / LOCK_NAME).is_file() or ((path / "config.json").is_file() and (path / "checkpoints").is_dir())
-
-
-def run_dirs_below(path: Path, depth: int = 3):
-    """Run directories strictly below `path`, up to `depth` levels down (an out_dir is a fresh or a run
-    directory, so a deep search is rarely needed; it stays cheap on a large folder)."""
-    if depth == 0 or not path.is_dir():
-        return
-    try:
-        children = sorted(child for child in path.iterdir() if child.is_dir() and not child.is_symlink())
-    except OSError:
-        return
-    for child in children:
-        if child.name in ("checkpoints", "superseded", "model_config", "tensorboard") and is_run_dir(path):
-            continue  # this run's own folders
-        if is_run_dir(child):
-            yield child
-        else:
-            yield from run_dirs_below(child, depth - 1)
+def foreign_contents(path: Path) -> str | None:
+    """What marks `path` as another command's output (a model's weights or config, a shard set), if anything."""
+    for pattern, what in (("*.safetensors", "model weights"), ("*.gguf", "a GGUF model"), ("manifest.json", "shards")):
+        hit = next(path.glob(pattern), None)
+        if hit is not None:
+            return f"{what} ({hit.name})"
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            is_job = "train" in json.loads(config.read_text())
+        except (OSError, ValueError, TypeError):
+            is_job = False
+        if not is_job:
+            return "a config.json that is not a run's job config"
+    return None
 
 
 def reshard_warning(reshard: Reshard, path: Path, step: int, job: JobConfig) -> str:

@@ -13,11 +13,13 @@ docs/training.md has the table.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from retro.data.manifest import MANIFEST_NAME
 from retro.model.config import RetroConfig
 from retro.training.checkpoint import RECORD, find_resume
 from retro.training.errors import ConfigError
@@ -32,6 +34,11 @@ REFUSED = {
     "data.weights": "the checkpoint's data position follows another mixture",
     "data.seq_len": "the checkpoint's data position counts windows of another length",
     "train.seed": "the seed keys the data order and the recurrence draws the checkpoint continues",
+    "train.micro_batch": "each rank's saved data position counts batches of the checkpoint's micro_batch",
+    "optim.name": "the checkpoint's optimizer state belongs to the other optimizer",
+    "optim.muon_split_fused": "the checkpoint's Muon state was kept for another grouping of the fused matrices",
+    "data.content": "the data sources were re-prepared since the checkpoint (their manifest.json changed), so "
+    "its data position would point into other documents",
     "train.trainable": "the checkpoint's optimizer state and updates belong to another set of trained parameters",
     "lora.rank": "the checkpoint's LoRA matrices have another rank",
     "lora.alpha": "the checkpoint's LoRA updates were trained at another scale (alpha / rank)",
@@ -41,6 +48,8 @@ REFUSED = {
 LORA_KEYS = ("rank", "alpha", "targets", "train_adapter")  # compared when both runs train LoRA
 # key -> what happens when it changes (the run continues)
 NOTED = {
+    "train.steps": "the LR schedule and the curriculum's ramp (ramp_fraction x train.steps) follow the new length "
+    "from the checkpoint's step on",
     "train.global_batch": "steps after the checkpoint take the new batch; the tokens count continues from the "
     "tokens already trained on",
     "recurrence.curriculum": "the curriculum's mean m(step) follows the new setting from the checkpoint's step on",
@@ -67,9 +76,26 @@ def model_record(config: RetroConfig | dict) -> dict[str, Any]:
     }
 
 
+def data_content(sources: list[str]) -> list[str]:
+    """A fingerprint of each source's prepared shards: the SHA-256 of its manifest.json (which lists every
+    shard's size and hash), so a source re-prepared in place under the same path is told apart."""
+    out = []
+    for source in sources:
+        try:
+            out.append(hashlib.sha256((Path(source) / MANIFEST_NAME).read_bytes()).hexdigest()[:16])
+        except OSError:
+            out.append("unreadable")
+    return out
+
+
 def run_record(job: JobConfig, model_config: RetroConfig) -> dict[str, Any]:
     """What a checkpoint records about the run that wrote it."""
-    return {"job": job.to_dict(), "model": model_record(model_config), "cwd": str(Path.cwd())}
+    return {
+        "job": job.to_dict(),
+        "model": model_record(model_config),
+        "cwd": str(Path.cwd()),
+        "data_content": data_content(job.data.train),
+    }
 
 
 def _resolved(paths: list[str], cwd: str | None) -> list[str]:
@@ -105,6 +131,10 @@ def meaning(record: dict[str, Any]) -> dict[str, Any]:
         ("data", data, "seq_len"),
         ("train", train, "seed"),
         ("train", train, "global_batch"),
+        ("train", train, "micro_batch"),
+        ("train", train, "steps"),
+        ("optim", job.get("optim", {}), "name"),
+        ("optim", job.get("optim", {}), "muon_split_fused"),
         ("recurrence", recurrence, "curriculum"),
         ("recurrence", recurrence, "max_mean"),
         ("recurrence", recurrence, "ramp_fraction"),
@@ -116,6 +146,8 @@ def meaning(record: dict[str, Any]) -> dict[str, Any]:
     ):
         if key in values:
             out[f"{section}.{key}"] = values[key]
+    if record.get("data_content"):
+        out["data.content"] = record["data_content"]
     if "train" in job:  # a record from before train.trainable trained everything
         out["train.trainable"] = train.get("trainable", "all")
     if out.get("train.trainable") == "lora":

@@ -14,16 +14,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from retro.model.config import RetroConfig
-from retro.training.checkpoint import supersede
+from retro.training.checkpoint import set_aside_other_branches, supersede
 from retro.training.job_config import JobConfig, save_config
 from retro.training.metrics import MetricsLog, truncate_after
 
 
-def prepare_run_dir(out_dir: Path, job: JobConfig, model_config: RetroConfig, resumed_step: int | None) -> MetricsLog:
-    """Write the run's config files and open its metrics log (records after `resumed_step` dropped)."""
+def prepare_run_dir(
+    out_dir: Path, job: JobConfig, model_config: RetroConfig, resumed_step: int | None, run_id: str | None = None
+) -> MetricsLog:
+    """Write the run's config files and open its metrics log (records after `resumed_step` dropped). A
+    fresh start first sets an earlier run aside; a resume sets aside other run lines' checkpoints and
+    this line's past `resumed_step`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if resumed_step is None:
         supersede(out_dir)
+    else:
+        set_aside_other_branches(out_dir, run_id, resumed_step)
     save_config(job, out_dir / "config.json")
     model_config.save_pretrained(out_dir / "model_config")
     metrics = out_dir / "metrics.jsonl"

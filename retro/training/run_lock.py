@@ -34,9 +34,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from retro.distributed.setup import DistInfo
+from retro.hf.output_dir import RUN_LOCK_NAME
 from retro.training.errors import ConfigError, SharedVerdict
 
-LOCK_NAME = ".retro-lock"
+LOCK_NAME = RUN_LOCK_NAME
 HEARTBEAT_S = 30.0  # how often a live holder refreshes the lock's mtime; checkpoint.lock_stale_s must exceed it well
 
 

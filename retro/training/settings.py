@@ -27,6 +27,8 @@ class TrainSettings:
     trainable: str = field(default="all", metadata={"choices": MODES})
 
     def validate(self) -> None:
+        if not self.out_dir.strip():
+            raise ValueError("train.out_dir is empty: name the run directory (an empty one would train into the cwd)")
         for key in ("steps", "global_batch", "micro_batch", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")

@@ -94,7 +94,8 @@ class Trainer:
             return
         if info.is_main:
             resumed_step = self.state.step if self.resumed_from is not None else None
-            self.log = prepare_run_dir(self.out_dir, self.job, self.model_config, resumed_step)
+            run_id = self.checkpointer.record.get("run_id")
+            self.log = prepare_run_dir(self.out_dir, self.job, self.model_config, resumed_step, run_id)
             start = f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"
             self._say(
                 f"{info.world_size} rank(s) on {info.device}, {self.dtype}, accumulation {self.accumulation}, {start}"

@@ -572,3 +572,32 @@ def test_prepare_out_inside_the_tokenizer_is_refused(work, capsys):
     out = work / "tok" / "shards"
     line = refused(prepare_main, prepare_args(work, [work / "corpus.jsonl"], out), capsys, "retro.data.prepare", work)
     assert f"--out {out} is inside --tokenizer" in line
+
+
+# --- outputs onto a training run (probe round, issue 24) ---------------------------------------------
+def test_no_command_writes_over_a_training_run_even_with_force(work, capsys):
+    """convert --out RUN --force replaced a live run's checkpoints with a model; export --out OTHER_RUN --force
+    deleted another run; prepare could write shards into RUN/checkpoints/step_N, which a save would delete."""
+    run = work / "run"
+    argv = ["--model", work / "src", "--shape", "1,2,1", "--out", run, "--force"]
+    line = refused(convert_main, argv, capsys, "retro.convert", work)
+    assert f"--out {run} is the training run directory {run}" in line
+    shutil.copytree(run, work / "other_run")
+    line = refused(export_main, [run, "--out", work / "other_run", "--force"], capsys, "retro.export", work)
+    assert "is the training run directory" in line
+    out = run / "checkpoints" / "step_00000099"
+    line = refused(prepare_main, prepare_args(work, [work / "corpus.jsonl"], out), capsys, "retro.data.prepare", work)
+    assert f"is inside the training run directory {run}" in line
+
+
+def test_select_layers_keeps_a_folder_that_holds_more_than_its_selection(work, capsys, shards):
+    """A folder with an earlier selection.json counted as --force and was replaced whole, notes and all."""
+    from retro.select_layers import main as select_main
+
+    out = work / "sel"
+    out.mkdir()
+    (out / "selection.json").write_text("{}")
+    (out / "notes.md").write_text("mine")
+    argv = ["--model", work / "src", "--data", shards["own"], "--shape", "1,1,1", "--seq-len", "8", "--out", out]
+    line = refused(select_main, argv, capsys, "retro.select_layers", work)
+    assert "not empty" in line and "--force" in line

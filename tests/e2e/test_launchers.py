@@ -111,6 +111,27 @@ def test_slurm_dry_run(tmp_path, nodes, nodelist, gpu_var, hosts):
         assert f"node {rank} ({hosts[rank]})" in result.stdout
 
 
+@pytest.mark.parametrize("restart, last", [("0", ["--resume", "none", "--force"]), ("1", ["--resume", "auto"])])
+def test_a_requeued_start_resumes_whatever_the_submission_said(tmp_path, restart, last):
+    """Used to keep `--resume none --force` on every requeue: each restart set its own checkpoints aside and
+    began again at step 1. A requeued start (SLURM_RESTART_COUNT > 0) now ends its arguments with --resume auto."""
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nsteps = 10\n")
+    env = slurm_env(tmp_path, 1, "gpu017", SLURM_GPUS_ON_NODE="1", SLURM_RESTART_COUNT=restart)
+    env["PATH"] = "/usr/bin:/bin"
+    result = subprocess.run(
+        ["bash", str(SBATCH), "--dry-run", str(config), "--resume", "none", "--force"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    (argv,) = torchrun_lines(result.stdout).values()
+    assert argv[-len(last) :] == last
+
+
 def test_slurm_dry_run_rejects_mismatched_nodelist(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("")

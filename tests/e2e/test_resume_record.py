@@ -15,6 +15,7 @@ from train_helpers import base_overrides, make_assets, read_metrics
 
 from retro.convert import convert
 from retro.train import main as train_main
+from retro.training import checkpoint
 from retro.training.checkpoint import MARKER, RECORD, complete_checkpoints
 
 STEPS = {"train.steps": 4, "checkpoint.every": 2}
@@ -200,3 +201,52 @@ def test_a_fresh_start_sets_an_earlier_runs_leftovers_aside(run, capsys):
     assert f"moved to {aside}" in stdout
     assert snapshot(aside) == before
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(run, capsys, tmp_path):
+    """Rewinding to step 2 with train.steps = 3 left step 4 of the abandoned branch as the newest: export and
+    `--resume auto` then picked it while metrics.jsonl described the new branch."""
+    from retro.export import export
+
+    model, data, out = run
+    older = out / "checkpoints" / "step_00000002"
+    extra = {"train.steps": 3, "optim.decay_steps": 1}
+    argv = [str(a) for a in base_overrides(model, data, out, **{**STEPS, **extra})]
+    code = train_main(argv + ["--resume", str(older)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    (aside,) = (out / "superseded").iterdir()
+    assert "step_00000004" in stdout and f"moved to {aside}" in stdout
+    assert [p.name for p in (aside / "checkpoints").iterdir()] == ["step_00000004"]
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000002", "step_00000003"]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert export(out, tmp_path / "hf").name == "step_00000003"
+
+
+def test_resuming_another_runs_checkpoint_sets_this_runs_line_aside(run, capsys, trained, tmp_path):
+    """`--resume OTHER/checkpoints/step_2` into a used RUN mixed two run lines' checkpoints and metrics."""
+    root, _, _ = trained
+    model, data, out = run
+    other = tmp_path / "other"
+    shutil.copytree(root / "run", other)
+    assert all(json.loads((ckpt / RECORD).read_text())["run_id"] for ckpt in complete_checkpoints(other))
+    # RUN's checkpoints get another run line's id (as a separate fresh start would have drawn); the record
+    # is verified by size and CRC-32, so COMPLETE is rewritten to match.
+    for ckpt in complete_checkpoints(out):
+        record = json.loads((ckpt / RECORD).read_text())
+        record["run_id"] = "this-run"
+        (ckpt / RECORD).write_text(json.dumps(record))
+        marker = json.loads((ckpt / MARKER).read_text())
+        marker["files"][RECORD] = (ckpt / RECORD).stat().st_size
+        marker["crc32"][RECORD] = checkpoint.crc32(ckpt / RECORD)
+        (ckpt / MARKER).write_text(json.dumps(marker))
+    extra = {"train.steps": 3, "optim.decay_steps": 1}
+    argv = [str(a) for a in base_overrides(model, data, out, **{**STEPS, **extra})]
+    code = train_main(argv + ["--resume", str(other / "checkpoints" / "step_00000002")])
+    capsys.readouterr()
+    assert code == 0
+    (aside,) = (out / "superseded").iterdir()
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert (aside / "metrics.jsonl").is_file()  # the other line's steps left with its checkpoints
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000003"]
+    assert [m["step"] for m in read_metrics(out)] == [3]

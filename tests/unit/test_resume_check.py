@@ -9,6 +9,7 @@ def record(**changes) -> dict:
     job = {
         "data": {"train": ["/d/a", "/d/b"], "weights": [], "seq_len": 16},
         "train": {"seed": 0, "global_batch": 8},
+        "optim": {},
         "recurrence": {"curriculum": "1-sqrt", "max_mean": 3.0, "ramp_fraction": 0.5},
     }
     for key, value in changes.items():
@@ -101,3 +102,28 @@ def test_lora_settings_are_compared_when_both_runs_train_lora():
     other = record(train__trainable="recurrent")
     other["job"]["lora"] = {"rank": 4}
     assert compare(meaning(plain), meaning(other), "ckpt") == ([], [])
+
+
+def test_the_optimizer_micro_batch_and_data_content_are_refused_the_length_noted():
+    """optim.name used to end in DCP's `Missing key ... momentum_buffer` traceback; micro_batch in the data
+    loader's refusal after config.json was rewritten; re-prepared shards resumed into other documents; a
+    longer train.steps reshaped the curriculum's ramp without a word."""
+    old = record(optim__name="adamw", train__micro_batch=2, train__steps=4)
+    old["data_content"] = ["aaaa", "bbbb"]
+    new = record(optim__name="muon", train__micro_batch=4, train__steps=8)
+    new["data_content"] = ["aaaa", "cccc"]
+    refusals, notes = compare(meaning(old), meaning(new), "ckpt")
+    assert sorted(r.split(" changed")[0] for r in refusals) == ["data.content", "optim.name", "train.micro_batch"]
+    assert [n.split(" changed")[0] for n in notes] == ["note: resume: train.steps"]
+    assert "curriculum's ramp" in notes[0]
+
+
+def test_data_content_follows_the_manifest(tmp_path):
+    from retro.training.resume_check import data_content
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text('{"shards": [1]}')
+    first = data_content([str(tmp_path / "a")])
+    assert data_content([str(tmp_path / "a")]) == first
+    (tmp_path / "a" / "manifest.json").write_text('{"shards": [2]}')  # re-prepared in place
+    assert data_content([str(tmp_path / "a")]) != first

@@ -116,3 +116,26 @@ def test_draws_per_step_that_splits_no_micro_batch_column_is_refused(tmp_path, c
     err = capsys.readouterr().err
     assert "draws_per_step = 16 must divide the 8 micro-batches" in err and "x 16 GPUs))" in err
     assert plan_main([*args[:-1], "--recurrence.draws_per_step=8", "--train.steps=500"]) == 0
+
+
+def test_out_dir_holding_another_commands_output_is_refused(tmp_path):
+    """A converted model as train.out_dir used to get its config.json replaced by the job config."""
+    other = tmp_path / "other_model"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"")
+    job = job_for(tmp_path, f"train.out_dir={other}")
+    with pytest.raises(ConfigError, match=r"holds model weights \(model\.safetensors\)"):
+        check_data(job, RetroConfig(**TINY), 1)
+    (other / "model.safetensors").unlink()
+    (other / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match="a config.json that is not a run's job config"):
+        check_data(job, RetroConfig(**TINY), 1)
+
+
+def test_out_dir_paths_expand_the_home_directory_and_may_not_be_empty(tmp_path, monkeypatch):
+    """'~/runs/x' used to create a folder literally named `~`; an empty out_dir trained into the cwd."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job = load_config(None, ["train.out_dir=~/runs/x", "model.path=~/model"])
+    assert job.train.out_dir == str(tmp_path / "runs" / "x") and job.model.path == str(tmp_path / "model")
+    with pytest.raises(ConfigError, match="train.out_dir is empty"):
+        load_config(None, ["train.out_dir="])
