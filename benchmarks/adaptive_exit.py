@@ -11,7 +11,10 @@ For fixed r in --fixed and each exit rule in --rules (r_max = --r-max), on the d
 - agreement: greedy continuations of --gen-tokens tokens from the problems, identical tokens vs fixed r_max (%);
 - FLOPs per decoded token (FlopModel.decode_token at the mean passes, context 16) relative to fixed r_max;
 - tokens/s of `generate` at batch 1 and batch 16 (--gen-tokens new tokens, no early stop; all configurations
-  timed in turn, round after round, best of --repeats rounds).
+  timed in turn, round after round, best of --repeats rounds), over --speed-prompts prompts (batch after batch);
+- the same with depth batching (retro.inference.depth_batching.generate_stream: the prompts as one queue through
+  1 or 16 slots, each row at its own depth), and the share of slot-ticks that did work at 16 slots (the rest is
+  the queue's tail, when fewer than 16 requests are left).
 Writes results.json, results.md and quality.png (accuracy against mean passes, fixed r beside the rules).
 """
 
@@ -27,6 +30,7 @@ import torch
 
 from benchmarks.common import RESULTS, machine_info, markdown_table, time_interleaved
 from retro.inference.adaptive import ExitRule, parse_exit_rule
+from retro.inference.depth_batching import DepthStats, generate_stream
 from retro.inference.generate import GenerationSettings, generate, left_pad, teacher_forced
 from retro.inference.loading import load_model, load_tokenizer
 from retro.inference.plots import plot_results
@@ -84,6 +88,24 @@ def speeds(model, rows: list[list[int]], configs: dict[str, GenerationSettings],
     return {name: tokens / min(t) for name, t in times.items()}
 
 
+def depth_speeds(model, rows: list[list[int]], configs: dict[str, GenerationSettings], batch: int, repeats: int):
+    """({config: tokens/s}, {config: share of slot-ticks that ran a pass}) with depth batching: all rows as one
+    queue through `batch` slots; timed in turn as `speeds` times the plain batches."""
+
+    def run(settings):
+        return lambda: list(generate_stream(model, rows, settings, batch))
+
+    times = time_interleaved({name: run(s) for name, s in configs.items()}, repeats, warmup=1)
+    tokens = len(rows) * next(iter(configs.values())).max_new_tokens
+    use = {}
+    for name, settings in configs.items():
+        stats = DepthStats()
+        for _ in generate_stream(model, rows, settings, batch, stats=stats):
+            pass
+        use[name] = stats.work / (stats.ticks * batch)
+    return {name: tokens / min(t) for name, t in times.items()}, use
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     demo = Path(args.demo)
@@ -92,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     problems = load_problems(demo, tokenizer)
     configs: list[tuple[int, ExitRule | None]] = [(r, None) for r in args.fixed]
     configs += [(args.r_max, parse_exit_rule(rule, args.min_r)) for rule in args.rules]
-    agree_rows, speed_rows = prompts(problems, args.agree_prompts), prompts(problems, 16)
+    agree_rows, speed_rows = prompts(problems, args.agree_prompts), prompts(problems, args.speed_prompts)
     rows, reference, generation = [], None, {}
     for r, rule in configs:
         settings = GenerationSettings(max_new_tokens=args.gen_tokens, num_recurrences=r, adaptive_exit=rule)
@@ -113,8 +135,12 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{row['config']}: acc {row['accuracy']:.3f} passes {row['mean_passes']:.2f} ({row['seconds']} s)")
     b1 = speeds(model, speed_rows[:4], generation, 1, args.repeats)
     b16 = speeds(model, speed_rows, generation, 16, args.repeats)
+    d1, _ = depth_speeds(model, speed_rows[:4], generation, 1, args.repeats)
+    d16, use = depth_speeds(model, speed_rows, generation, 16, args.repeats)
     for row in rows:
-        row["tok_s_b1"], row["tok_s_b16"] = b1[row["config"]], b16[row["config"]]
+        name = row["config"]
+        row["tok_s_b1"], row["tok_s_b16"] = b1[name], b16[name]
+        row["tok_s_b1_depth"], row["tok_s_b16_depth"], row["slot_use_b16"] = d1[name], d16[name], use[name]
     if reference is None:
         raise ValueError(f"--fixed must include --r-max {args.r_max}: agreement is measured against it")
     base = next(r for r in rows if r["exit"] is None and r["r"] == args.r_max)
@@ -123,6 +149,8 @@ def run(args: argparse.Namespace) -> dict:
         row["flops_vs_rmax"] = row["flops_per_token"] / base["flops_per_token"]
         row["speedup_b16"] = row["tok_s_b16"] / base["tok_s_b16"]
         row["speedup_b1"] = row["tok_s_b1"] / base["tok_s_b1"]
+        row["depth_speedup_b16"] = row["tok_s_b16_depth"] / base["tok_s_b16"]
+        row["depth_speedup_b16_vs_depth"] = row["tok_s_b16_depth"] / base["tok_s_b16_depth"]
     return {
         "command": "python -m benchmarks.adaptive_exit " + " ".join(args.argv),
         "machine": machine_info(),
@@ -134,6 +162,8 @@ def run(args: argparse.Namespace) -> dict:
 
 COLUMNS = ["config", "mean passes", "accuracy (%)", "loss", "answer loss", "agree (%)", "FLOPs/tok vs r_max"]
 COLUMNS += ["tok/s b1", "tok/s b16", "b16 speed-up"]
+DEPTH_COLUMNS = ["config", "mean passes", "agree (%)", "tok/s b1", "tok/s b1 depth", "tok/s b16", "tok/s b16 depth"]
+DEPTH_COLUMNS += ["slot use b16", "depth b16 vs fixed r_max b16", "vs fixed r_max depth-batched"]
 
 
 def table(results: dict) -> list[str]:
@@ -157,9 +187,39 @@ def table(results: dict) -> list[str]:
     )
 
 
+def depth_table(results: dict) -> list[str]:
+    """Depth batching beside plain batches: tokens/s, slot use, speed-up against fixed r_max (plain and depth)."""
+    return markdown_table(
+        DEPTH_COLUMNS,
+        [
+            [
+                r["config"],
+                f"{r['mean_passes']:.2f}",
+                f"{100 * r['agreement']:.1f}",
+                f"{r['tok_s_b1']:.0f}",
+                f"{r['tok_s_b1_depth']:.0f}",
+                f"{r['tok_s_b16']:.0f}",
+                f"{r['tok_s_b16_depth']:.0f}",
+                f"{100 * r['slot_use_b16']:.0f}%",
+                f"{r['depth_speedup_b16']:.2f}x",
+                f"{r['depth_speedup_b16_vs_depth']:.2f}x",
+            ]
+            for r in results["rows"]
+        ],
+    )
+
+
 def markdown(results: dict) -> str:
-    """results.md: the command, then the table."""
-    return f"`{results['command']}`\n\n" + "\n".join(table(results)) + "\n"
+    """results.md: the command, the table, then depth batching against plain batches."""
+    n = results["settings"]["speed_prompts"]
+    return (
+        f"`{results['command']}`\n\n"
+        + "\n".join(table(results))
+        + f"\n\nDepth batching ({n} prompts as one queue through 1 or 16 slots) against plain batches of the same"
+        + " prompts:\n\n"
+        + "\n".join(depth_table(results))
+        + "\n"
+    )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -189,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-r", type=int, default=1)
     p.add_argument("--gen-tokens", type=int, default=16)
     p.add_argument("--agree-prompts", type=int, default=64)
+    p.add_argument("--speed-prompts", type=int, default=64, help="prompts timed at batch 16 (the first 4 at batch 1)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "adaptive_exit"))

@@ -249,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="no token exits before N passes",
     )
     p.add_argument(
+        "--depth-batching",
+        action="store_true",
+        help="generation tasks on recurrent models: each row decodes at its own depth (rows that exit go on to their "
+        "next token while others iterate) and a queue of all prompts refills freed rows; --batch-size is the number "
+        "of rows. Completions equal one-by-one decoding (also with a random s0)",
+    )
+    p.add_argument(
         "--share-kv-cache", action="store_true", help="keep only the last pass's block K/V (r x less memory)"
     )
     p.add_argument("--state-init", choices=list(STATE_INITS), default=None, help="override the checkpoint's s0 init")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from retro.data.manifest import ShardFormatError
 from retro.inference.adaptive import ExitRule, parse_exit_rule
+from retro.inference.depth_batching import generate_text_queued
 from retro.inference.generate import GenerationSettings, generate_text, teacher_forced
 from retro.inference.loading import load_model, load_tokenizer
 from retro.inference.task_base import Task
@@ -37,6 +38,7 @@ class EvalSettings:
     add_bos: bool = True  # start every prompt with BOS (lm-eval's add_bos_token=True)
     adaptive_exit: str | None = None  # exit rules, comma-separated: {kl,state,entropy}:T, a bare KL threshold, fixed
     adaptive_min_r: int = 1  # no token exits before this many passes
+    depth_batching: bool = False  # generation: rows at different depths share ticks, a queue refills free rows
     share_kv_cache: bool = False  # keep only the last pass's block K/V
     state_init: str | None = None  # override the checkpoint's s0 init
     seed: int = 0  # seed of s0 draws (and sampling)
@@ -81,18 +83,22 @@ def eval_generation(
     passes_sum = tokens_sum = 0.0
     batch_size = settings.batch_size
     seconds = 0.0
-    for start in tqdm(range(0, len(order), batch_size), desc=f"{label} r={r}", unit="batch", leave=False):
-        idx = order[start : start + batch_size]
+    # Depth batching decodes the whole queue in one stream (batch_size slots); a static model has no depth to
+    # batch and decodes batch by batch as without it.
+    queued = settings.depth_batching and model.config.is_recurrent
+    chunk = len(order) if queued else batch_size
+    for start in tqdm(range(0, len(order), chunk), desc=f"{label} r={r}", unit="batch", leave=False):
+        idx = order[start : start + chunk]
+        prompts = [examples[i].prompt for i in idx]
         began = time.perf_counter()
-        completions = generate_text(
-            model,
-            tokenizer,
-            [examples[i].prompt for i in idx],
-            generation,
-            stops,
-            settings.add_bos,
-            settings.max_length or None,
-        )
+        if queued:
+            completions = generate_text_queued(
+                model, tokenizer, prompts, generation, batch_size, stops, settings.add_bos, settings.max_length or None
+            )
+        else:
+            completions = generate_text(
+                model, tokenizer, prompts, generation, stops, settings.add_bos, settings.max_length or None
+            )
         seconds += time.perf_counter() - began
         for i, c in zip(idx, completions):
             records[i] = {

@@ -347,21 +347,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
     return ids, mask
 
 
-def generate_text(
+def prepare_prompts(
     model: RetroForCausalLM,
     tokenizer,
     prompts: Sequence[str],
     settings: GenerationSettings,
-    stop_strings: Sequence[str] = (),
     add_bos: bool | None = None,
     max_length: int | None = None,
-) -> list[Completion]:
-    """Tokenize, left-pad, decode, and return completions cut at the first stop string.
-
-    Padding is done here, not by the tokenizer, so tokenizers without a pad token work (the pad id is only a
-    filler: the mask hides it). `max_length` bounds prompt + generation as lm-eval does: prompts keep their
-    last `max_length - max_new_tokens` tokens. `add_bos` is as in `encode_prompts`.
-    """
+) -> tuple[list[list[int]], list[int], list[int], int]:
+    """(token rows cut to `max_length - max_new_tokens`, their lengths before the cut, EOS ids, pad id)."""
     rows = encode_prompts(tokenizer, prompts, add_bos)
     lengths = [len(r) for r in rows]
     if max_length is not None:
@@ -377,6 +371,25 @@ def generate_text(
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     pad = tokenizer.pad_token_id
     pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+    return rows, lengths, eos_ids, pad
+
+
+def generate_text(
+    model: RetroForCausalLM,
+    tokenizer,
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    stop_strings: Sequence[str] = (),
+    add_bos: bool | None = None,
+    max_length: int | None = None,
+) -> list[Completion]:
+    """Tokenize, left-pad, decode, and return completions cut at the first stop string.
+
+    Padding is done here, not by the tokenizer, so tokenizers without a pad token work (the pad id is only a
+    filler: the mask hides it). `max_length` bounds prompt + generation as lm-eval does: prompts keep their
+    last `max_length - max_new_tokens` tokens. `add_bos` is as in `encode_prompts`.
+    """
+    rows, lengths, eos_ids, pad = prepare_prompts(model, tokenizer, prompts, settings, add_bos, max_length)
     ids, mask = left_pad(rows, pad)
     out = generate(
         model, ids, mask, settings, eos_ids, pad, StopStrings(tokenizer, stop_strings) if stop_strings else None

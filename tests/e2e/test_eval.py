@@ -246,6 +246,30 @@ def test_batch_size_does_not_change_completions(setup, tmp_path, capsys):
     assert texts[0] == texts[1]
 
 
+def test_depth_batching_gives_one_by_one_completions(setup, tmp_path, capsys):
+    """--depth-batching (2 rows fed from a queue of 5 prompts) gives each example the completion, token count and
+    mean passes of one-by-one decoding, for an exit rule and fixed r; the static model decodes as without it."""
+    runs = {}
+    for name, extra in (("single", ["--batch-size", "1"]), ("depth", ["--batch-size", "2", "--depth-batching"])):
+        out = tmp_path / name
+        rc, _, err = run_eval(
+            capsys,
+            *("--model", setup["recurrent"], "--model", setup["static"], "--task", "gsm8k", "--data", setup["gsm8k"]),
+            *("--recurrences", "6", "--max-new-tokens", "10", "--fewshot", "0", "--adaptive-exit", "kl:1e-3,fixed"),
+            *extra,
+            *("--out", out),
+        )
+        assert rc == 0, err
+        results = json.loads((out / "results.json").read_text())
+        runs[name] = [
+            [(e["completion"], e["tokens"], pytest.approx(e["mean_passes"], rel=1e-6)) for e in run["examples"]]
+            for model in results["models"]
+            for run in model["runs"]
+        ]
+    assert runs["depth"] == runs["single"] and len(runs["depth"]) == 3
+    assert min(p.expected for _, _, p in runs["depth"][0]) < 6  # the rule did exit early
+
+
 def test_math_with_adaptive_exit(setup, tmp_path, capsys):
     from datasets import Dataset
     from lm_eval.tasks.minerva_math import utils
