@@ -1,4 +1,4 @@
-"""Backend choice for the fused kernels: Triton on CUDA, the torch reference otherwise.
+"""Backend choice for the fused kernels: Triton where a GPU measurement shows it faster, torch otherwise.
 
 ``RETRO_KERNELS`` (environment) or :func:`set_backend` (from code: benchmarks, tests) selects:
 

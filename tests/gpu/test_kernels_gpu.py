@@ -140,7 +140,7 @@ def test_autotuning_picks_a_config_and_stays_right(monkeypatch):
     a = tns.gram(x, "direct")
     assert fro_rel(a, x.float() @ x.float().mT) < 1e-2 and torch.equal(a, a.mT)
     tuner = triton_build.kernel(tns._sym_kernel, tns._SYM_GPU_CONFIGS, key=("m", "K", "batch", "MODE"))
-    assert tuner.best_config is not None
+    assert getattr(tuner, "best_config", None) is not None and tuner.cache, "the autotuner never ran"
     chosen = (tuner.best_config.kwargs, tuner.best_config.num_warps, tuner.best_config.num_stages)
     assert chosen in [(dict(c), w, s) for c, w, s in tns._SYM_GPU_CONFIGS], chosen
     monkeypatch.setenv(dispatch.TRITON_CONFIG_ENV, "pinned")
