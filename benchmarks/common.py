@@ -85,9 +85,10 @@ def model_config(hidden: int, shape: str, vocab: int, seq: int | None = None) ->
     return RetroConfig(**fields)
 
 
-def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_results(name: str | Path, payload: dict) -> Path:
+    """Write ``payload`` with the command and machine: to ``results/<name>.json``, or to ``name`` if it is a Path."""
+    path = name if isinstance(name, Path) else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": " ".join([Path(sys.executable).name] + sys.argv), "machine": machine_info(), **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path

@@ -24,10 +24,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+# Run as a script, Python puts benchmarks/ first on sys.path, where this file would shadow Hugging Face's
+# `kernels` package (transformers >= 5.25 imports it): the repository root takes that place instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 from retro.kernels import dispatch  # noqa: E402
 from retro.kernels.adapter import adapter, adapter_reference  # noqa: E402
+from retro.kernels.dispatch_table import auto_backend  # noqa: E402
 from retro.kernels.newton_schulz import MUON_COEFFICIENTS, newton_schulz, newton_schulz_reference  # noqa: E402
 
 MODELS = {"tinyllama-1.1b": (2048, 5632), "llama-3.2-1b": (2048, 8192)}
@@ -107,7 +112,8 @@ def bench_newton_schulz(device, dtype, scale, repeats, warmup, triton_ok):
             from retro.kernels.dispatch import NS_SCHEDULES
             from retro.kernels.triton_newton_schulz import newton_schulz_triton
 
-            fns["triton"] = lambda g=grad: newton_schulz(g, dtype=dtype)  # what Muon calls (auto)
+            # newton_schulz with the Triton backend forced (auto would run torch for single matrices)
+            fns["triton"] = forced_triton(lambda g=grad: newton_schulz(g, dtype=dtype))
             # The iterations alone under each triangle schedule, on the same normalised wide stack.
             wide = grad.to(dtype)
             wide = (wide.mT if wide.size(-2) > wide.size(-1) else wide).reshape(-1, *sorted(shape[-2:]))
@@ -136,6 +142,7 @@ def bench_newton_schulz(device, dtype, scale, repeats, warmup, triton_ok):
                 direct_ms=t["direct"] * 1e3,
                 stream_k_ms=t["stream_k"] * 1e3,
                 auto_schedule=choose_schedule(stack.size(0), min(shape[-2:]), sm_count(grad)),
+                auto_runs=auto_backend("newton_schulz", str(dtype).removeprefix("torch."), stack.size(0)),
             )
         rows.append(row)
     return rows
@@ -227,13 +234,14 @@ def print_table(rows: list[dict], peaks: dict) -> None:
     print(
         f"measured peaks: GEMM {peaks['gemm_tflops']:.3f} TFLOP/s, copy {peaks['copy_gbs']:.0f} GB/s; "
         "ratio = torch (addmm for the adapter forward) / triton; %peak of the measured GEMM;\n"
-        "Newton-Schulz: triton = what Muon calls (auto schedule, incl. normalise/transpose); direct and "
-        "stream-K = the 5 iterations alone under each triangle schedule"
+        "Newton-Schulz: triton = newton_schulz with the Triton backend forced (auto schedule, incl. "
+        "normalise/transpose); direct and stream-K = the 5 iterations alone under each triangle schedule; "
+        "auto runs = what RETRO_KERNELS=auto picks for the case (kernels/dispatch_table.py)"
     )
     head = (
         f"{'kernel':14} {'case':34} {'torch ms':>9} {'addmm ms':>9} {'triton ms':>9} {'ratio':>6} "
         f"{'torch TF/s':>10} {'triton TF/s':>11} {'%peak':>6} {'triton GB/s':>11} {'%copy':>6} "
-        f"{'direct ms':>9} {'stream-K ms':>11} {'auto':>8}"
+        f"{'direct ms':>9} {'stream-K ms':>11} {'auto':>8} {'auto runs':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -245,7 +253,7 @@ def print_table(rows: list[dict], peaks: dict) -> None:
             f"{r.get('triton_ms', nan):9.3f} {r.get('speedup', nan):6.2f} {r['torch_tflops']:10.3f} "
             f"{tfl:11.3f} {100 * tfl / peaks['gemm_tflops']:6.1f} {gbs:11.0f} "
             f"{100 * gbs / peaks['copy_gbs']:6.1f} {r.get('direct_ms', nan):9.3f} "
-            f"{r.get('stream_k_ms', nan):11.3f} {r.get('auto_schedule', ''):>8}"
+            f"{r.get('stream_k_ms', nan):11.3f} {r.get('auto_schedule', ''):>8} {r.get('auto_runs', ''):>9}"
         )
 
 

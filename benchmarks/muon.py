@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -64,7 +65,9 @@ def newton_schulz_table(shapes: list[tuple[int, int]], batch: int, repeats: int,
             f"torch fp32 x{batch}": lambda: (newton_schulz_reference(xs), sync()),
         }
         if device.type == "cuda":
+            # Batched torch beside batched dispatch: the like-for-like pair auto's stack decision rests on.
             candidates["torch bf16"] = lambda: (newton_schulz_reference(x, dtype=torch.bfloat16), sync())
+            candidates[f"torch bf16 x{batch}"] = lambda: (newton_schulz_reference(xs, dtype=torch.bfloat16), sync())
             candidates["dispatch bf16"] = lambda: (newton_schulz(x, dtype=torch.bfloat16), sync())
             candidates[f"dispatch bf16 x{batch}"] = lambda: (newton_schulz(xs, dtype=torch.bfloat16), sync())
         times = time_interleaved(candidates, repeats, warmup=1)
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--ns-repeats", type=int, default=3)
     parser.add_argument("--batch-ns", type=int, default=4, help="matrices per batched Newton-Schulz call")
     parser.add_argument("--name", default=None, help="results file stem (default muon / muon_cuda)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<name>.json)")
     parser.add_argument("--no-torch-muon", action="store_true", help="skip torch.optim.Muon (bf16, slow on CPU)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -185,9 +189,9 @@ def main() -> None:
     print_table(ns_rows, ["shape", "impl", "ms_per_matrix", "gflop_per_s"])
     stem = args.name or ("muon" if device.type == "cpu" else "muon_cuda")
     path = write_results(
-        stem,
+        args.out or stem,
         {
-            "args": vars(args),
+            "args": {**vars(args), "out": str(args.out) if args.out else None},
             "params": n_params,
             "matmul_peak_flops": peak,
             "forward_backward_s": fb,

@@ -35,9 +35,11 @@ from benchmarks.common import RESULTS, machine_info, markdown_table
 HERE = Path(__file__).parent
 # Not timings but experiments, run by hand: optimizer_convergence needs a demo run's model and shards
 # (--model, --data); distill_and_layers trains on a real model for about an hour; trainable_modes needs
-# the SmolLM2 GGUF and runs for minutes; adaptive_exit needs a demo run.
+# the SmolLM2 GGUF and runs for minutes; adaptive_exit needs a demo run; gpu_trainer_check is
+# gpu_check.sh's trainer step (GPU only; its --dry-run is tested with the script).
 NOT_BENCHMARKS = {
-    *("__init__", "common", "run", "optimizer_convergence", "distill_and_layers", "trainable_modes", "adaptive_exit")
+    *("__init__", "common", "run", "optimizer_convergence", "distill_and_layers", "trainable_modes", "adaptive_exit"),
+    "gpu_trainer_check",
 }
 
 # Small settings, one command line per benchmark: the whole suite in < 10 minutes on 2 CPU cores. "{out}" is

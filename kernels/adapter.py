@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import get_backend, use_triton
+from .dispatch import use_triton
 
 
 def _check(state: torch.Tensor, w_state: torch.Tensor, injection: torch.Tensor) -> None:
@@ -93,14 +93,14 @@ def adapter(state: torch.Tensor, w_state: torch.Tensor, injection: torch.Tensor)
     """``state @ w_state.T + injection`` for state [..., h_in], w_state [h_out, h_in].
 
     ``injection`` is :func:`adapter_injection`'s output ([..., h_out]). Differentiable in all
-    three inputs. Measured on an H200 (benchmarks/results/gpu_h200), cuBLAS ``addmm`` with the
-    injection as its bias beats the Triton kernel (0.62-0.86x), so ``auto`` keeps torch and only
+    three inputs. Measured on an H200 (:mod:`retro.kernels.dispatch_table`), cuBLAS ``addmm`` with
+    the injection as its bias beats the Triton kernel (0.45-0.82x), so ``auto`` keeps torch and only
     ``RETRO_KERNELS=triton`` (or ``set_backend("triton")``) runs the fused kernel. Under autocast
     all three are cast to the autocast dtype first.
     """
     state, w_state, injection = _autocast_operands(state, w_state, injection)
     _check(state, w_state, injection)
-    if get_backend() == "triton" and use_triton(state, w_state, injection):
+    if use_triton("adapter", state, w_state, injection):
         return _FusedAdapter.apply(state, w_state, injection)
     h_in, h_out = w_state.shape[1], w_state.shape[0]
     out = torch.addmm(injection.reshape(-1, h_out), state.reshape(-1, h_in), w_state.mT)

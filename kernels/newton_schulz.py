@@ -2,11 +2,14 @@
 
 :func:`newton_schulz_reference` is plain torch (the CPU path and the test oracle);
 :func:`newton_schulz` is what Muon calls: the same routine, with the iterations in Triton
-(symmetric kernels, see :mod:`retro.kernels.triton_newton_schulz`) on CUDA.
+(symmetric kernels, see :mod:`retro.kernels.triton_newton_schulz`) where dispatch says so: under
+``auto``, stacks of same-shape bf16 matrices on CUDA, the class measured faster than torch
+(:mod:`retro.kernels.dispatch_table`); single matrices stay on torch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -75,7 +78,8 @@ def newton_schulz(
     if grad.dim() < 2:
         raise ValueError(f"Newton-Schulz needs matrices, got shape {tuple(grad.shape)}")
     work = grad.to(dtype or grad.dtype)
-    if not use_triton(work):
+    batch = math.prod(work.shape[:-2])  # same-shape matrices in the call
+    if not use_triton("newton_schulz", work, batch=batch):
         return newton_schulz_reference(grad, steps, coefficients, eps, dtype)
     from .triton_newton_schulz import newton_schulz_triton
 

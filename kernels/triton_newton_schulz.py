@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import NS_SCHEDULES
-from .triton_build import kernel
+from .triton_build import launch
 from .triton_gemm import gemm
 
 MIN_WAVE_FILL = 0.8
@@ -43,6 +43,8 @@ _SYM_GPU_CONFIGS = [
     ({"BLOCK": 64, "BLOCK_K": 64}, 4, 4),
 ]
 _FINALIZE_GPU_CONFIGS = [({"BLOCK": 64, "BLOCK_K": 16}, 4, 1), ({"BLOCK": 128, "BLOCK_K": 16}, 8, 1)]
+# What RETRO_TRITON_CONFIG=pinned runs: the 128-row tile the direct schedule's wave estimate assumes.
+PINNED_SYM, PINNED_FINALIZE = _SYM_GPU_CONFIGS[0], _FINALIZE_GPU_CONFIGS[0]
 _SYM_INTERPRET = {"BLOCK": 16, "BLOCK_K": 16}
 # The finalize pass may be tuned to another tile than the stream-K pass (separate autotuners); it
 # reads only elements on or below the diagonal, which any tiling has written. The interpreter uses
@@ -204,12 +206,18 @@ def _launch_sym(
     flags = {"HAS_Y": has_y, "IEEE": x.dtype == torch.float32}
 
     def run(mode: tl.constexpr, ws: torch.Tensor, configs: list, reset: tuple[str, ...], grid) -> None:
-        fn = kernel(_sym_kernel, configs, key=("m", "K", "batch", "MODE"), reset_to_zero=reset)
-        args = (x, y, ws, out, *compiled_args, *ws.stride(), *out.stride())
-        if hasattr(fn, "configs"):
-            fn[grid](*args, MODE=mode.value, **flags)
-        else:
-            fn[grid](*args, MODE=mode.value, **flags, **(_FINALIZE_INTERPRET if mode == _FINALIZE else _SYM_INTERPRET))
+        finalize = mode == _FINALIZE
+        launch(
+            _sym_kernel,
+            grid,
+            (x, y, ws, out, *compiled_args, *ws.stride(), *out.stride()),
+            {"MODE": mode.value, **flags},
+            gpu_configs=configs,
+            pinned=PINNED_FINALIZE if finalize else PINNED_SYM,
+            interpret=_FINALIZE_INTERPRET if finalize else _SYM_INTERPRET,
+            key=("m", "K", "batch", "MODE"),
+            reset_to_zero=reset,
+        )
 
     def tile_grid(meta: dict) -> tuple[int]:
         tiles = triton.cdiv(m, meta["BLOCK"])

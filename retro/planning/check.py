@@ -165,6 +165,47 @@ def measure_flops(job: JobConfig, model_config: RetroConfig, n: int, k: int, che
     return counter.get_total_flops()
 
 
+def saved_tensor_bytes(output: torch.Tensor, exclude: set[int]) -> int:
+    """Unique storage bytes the autograd graph behind ``output`` saved for backward, minus ``exclude`` (data
+    pointers). Reads each node's saved tensors: eager nodes' ``_saved_*`` fields and, for a compiled graph's
+    one node, the tensors it saved (what the TorchDispatchMode of ``measure_activations`` cannot see: Inductor
+    allocates its buffers outside the dispatcher)."""
+    storages: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        saved = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+        if hasattr(node, "saved_tensors"):
+            saved.append(node.saved_tensors)
+        for value in tree_flatten(saved)[0]:
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        stack += [fn for fn, _ in node.next_functions]
+    return sum(n for ptr, n in storages.items() if ptr not in exclude)
+
+
+def measure_layer_bytes(model_config: RetroConfig, compiled: bool, batch: int = 2, seq_len: int = 256) -> float:
+    """Bytes per token one bf16 decoder layer saves for backward, eager or through torch.compile as
+    `parallel.compile` runs it (`dynamic=False`); parameters and the RoPE tables are not counted."""
+    from retro.model.layers import DecoderLayer
+    from retro.model.rope import inverse_frequencies, rope_cos_sin
+
+    torch.manual_seed(0)
+    layer = DecoderLayer(model_config).to(torch.bfloat16)
+    inv_freq = inverse_frequencies(model_config.head_dim, model_config.rope_parameters)
+    rope = rope_cos_sin(inv_freq, torch.arange(seq_len)[None], torch.bfloat16)
+    x = torch.randn(batch, seq_len, model_config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    run = torch.compile(layer, dynamic=False) if compiled else layer
+    out = run(x, rope)
+    exclude = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *rope)}
+    return saved_tensor_bytes(out, exclude) / (batch * seq_len)
+
+
 def compare(n: int = 3, k: int = 2, optimizer: str = "muon") -> list[dict]:
     """Rows of (quantity, planned, measured, relative error)."""
     job, model_config = check_config(optimizer)

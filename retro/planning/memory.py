@@ -40,14 +40,22 @@ def optimizer_split(model_config: RetroConfig, name: str) -> tuple[int, int]:
 # ---------------------------------------------------------------- memory
 
 
-def layer_activation_bytes(model_config: RetroConfig, dtype_bytes: int, fused_norm: bool) -> float:
+def layer_activation_bytes(
+    model_config: RetroConfig, dtype_bytes: int, fused_norm: bool, compiled: bool = False
+) -> float:
     """Bytes one decoder layer keeps for backward, per token.
 
     Counted from what autograd saves in retro/model/layers.py: every RMSNorm keeps its input, fp32 rstd
     and (unfused, as on CPU) the normalised tensor; the fused QKV output stays alive through the
     V view SDPA keeps; SDPA keeps rotated q, k, its output and an fp32 log-sum-exp per head; the
     o_proj input is a reshaped copy; SwiGLU keeps gate|up, silu(gate) and their product.
+
+    ``compiled`` (``parallel.compile``: each layer through torch.compile), as measured on a compiled
+    layer (tests/unit/test_plan.py): the norms are fused; Inductor's partitioner recomputes
+    silu(gate) in backward instead of saving it (SwiGLU keeps 3 of the 4 intermediate-wide tensors);
+    q/k norms keep only their rstd, their inputs being slices of the QKV output that is kept anyway.
     """
+    fused_norm = fused_norm or compiled
     h, q = model_config.hidden_size, model_config.num_attention_heads * model_config.head_dim
     kv, i = model_config.num_key_value_heads * model_config.head_dim, model_config.intermediate_size
 
@@ -55,20 +63,27 @@ def layer_activation_bytes(model_config: RetroConfig, dtype_bytes: int, fused_no
         return (width + (0 if fused_norm else width)) * dtype_bytes + 4
 
     attention = (q + 2 * kv + q + kv + q + q) * dtype_bytes + 4 * model_config.num_attention_heads
-    mlp = 4 * i * dtype_bytes
+    mlp = (3 if compiled else 4) * i * dtype_bytes
     if model_config.norm_position == "pre":  # norm(x) -> linear: the norm's output is the linear's saved input
         return 2 * norm(h) + 2 * h * dtype_bytes + attention + mlp
-    qk = norm(q) + norm(kv) if model_config.qk_norm != "none" else 0
+    qk = (8 if compiled else norm(q) + norm(kv)) if model_config.qk_norm != "none" else 0
     return 2 * h * dtype_bytes + qk + attention + mlp + 2 * norm(h)  # x, x' as linear inputs; norms after
 
 
 def activation_bytes(
-    model_config: RetroConfig, tokens: int, k: int, checkpointing: str, dtype_bytes: int, fused_norm: bool
+    model_config: RetroConfig,
+    tokens: int,
+    k: int,
+    checkpointing: str,
+    dtype_bytes: int,
+    fused_norm: bool,
+    compiled: bool = False,
 ) -> dict[str, float]:
     """Bytes kept for backward by one micro-batch of `tokens` with k grad passes, and the transient
-    peak on top of it (one pass or layer recomputed during backward; one loss chunk's logits)."""
+    peak on top of it (one pass or layer recomputed during backward; one loss chunk's logits).
+    `compiled`: the decoder layers run through torch.compile (`layer_activation_bytes`)."""
     h, b = model_config.hidden_size, dtype_bytes
-    layer = layer_activation_bytes(model_config, b, fused_norm) * tokens
+    layer = layer_activation_bytes(model_config, b, fused_norm, compiled) * tokens
     one_pass = h * b * tokens + model_config.n_recurrent * layer  # adapter input + the block's layers
     stage_layers = model_config.n_prelude + model_config.n_coda
     held = 8 * tokens + model_config.head_dim * b * tokens  # token ids (int64), rope cos + sin (shared)
@@ -126,7 +141,7 @@ def memory_per_gpu(
         rows = min(tokens, DISTILL_CHUNK_ROWS)  # its [rows, vocab] buffers: CE's two and three more, fp32
         out["distillation loss chunk"] = rows * teacher.vocab_size * 4 * 5
     for mode in ("none", "recurrence"):
-        acts = activation_bytes(model_config, tokens, k, mode, b, fused_norm=on_gpu)
+        acts = activation_bytes(model_config, tokens, k, mode, b, fused_norm=on_gpu, compiled=job.parallel.compile)
         out[f"activations, checkpointing={mode}"] = acts["held"]
         out[f"activation transient, checkpointing={mode}"] = acts["transient"]
     return out

@@ -17,6 +17,17 @@ def gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
 
+def peak_bytes(memory: dict[str, float], checkpointing: str) -> float:
+    """Peak bytes per GPU under `checkpointing` ("none" / "recurrence"): every state, the activations held
+    for backward and the transient on top of them."""
+    states = sum(v for k, v in memory.items() if not k.startswith("activation"))
+    return (
+        states
+        + memory[f"activations, checkpointing={checkpointing}"]
+        + memory[f"activation transient, checkpointing={checkpointing}"]
+    )
+
+
 def plan(
     job: JobConfig, model_config: RetroConfig, gpus: int, gpu: GpuSpec, mfu: float, teacher: RetroConfig | None = None
 ) -> dict:
@@ -141,16 +152,14 @@ def format_plan(p: dict, job: JobConfig) -> str:
             "",
             f"memory per GPU ({p['gpus']} GPUs, shard group {p['gpus'] // job.parallel.replicate}, "
             f"micro-batch {mb[0] if mb else '?'} x {job.data.seq_len}, k = {phases[-1]['p99_k']} grad passes "
-            f"at p99 r = {phases[-1]['p99_r']}; activation memory depends on k <= s, not on n):",
+            f"at p99 r = {phases[-1]['p99_r']}; activation memory depends on k <= s, not on n; layers "
+            f"{'compiled' if job.parallel.compile else 'eager'} (parallel.compile)):",
         ]
         mem = p["memory"]
         for key, value in mem.items():
             lines.append(f"  {key:<48} {gib(value):>12}")
-        states = sum(v for k, v in mem.items() if not k.startswith("activation"))
         for mode in ("none", "recurrence"):
-            peak = (
-                states + mem[f"activations, checkpointing={mode}"] + mem[f"activation transient, checkpointing={mode}"]
-            )
+            peak = peak_bytes(mem, mode)
             fits = "fits" if peak < 0.9 * p["gpu_memory"] else "DOES NOT FIT"
             lines.append(
                 f"  {'peak estimate, checkpointing=' + mode:<48} {gib(peak):>12}  ({fits} in {gib(p['gpu_memory'])})"

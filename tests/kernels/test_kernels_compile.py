@@ -70,7 +70,9 @@ BF16 = {"a_ptr": "*bf16", "b_ptr": "*bf16", "d_ptr": "*bf16", "c_ptr": "*bf16"}
 
 @pytest.mark.parametrize(
     "config",
-    triton_gemm.GPU_CONFIGS[:3] + triton_gemm.GPU_CONFIGS[-1:],
+    # PINNED (what tests/gpu compiles), then others of the tuner's list
+    [triton_gemm.PINNED]
+    + [c for c in triton_gemm.GPU_CONFIGS[:3] + triton_gemm.GPU_CONFIGS[-1:] if c != triton_gemm.PINNED],
     ids=lambda c: "x".join(str(c[0][k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + f"s{c[2]}",
 )
 def test_adapter_gemm_compiles_pipelined_on_tensor_cores(config):
@@ -128,9 +130,10 @@ def test_symmetric_kernel_modes_compile(mode):
         stride_or=m,
         stride_oc=1,
     )
-    meta, warps, stages = triton_newton_schulz._SYM_GPU_CONFIGS[0]
+    # The pinned configs: what tests/gpu compiles (RETRO_TRITON_CONFIG=pinned).
+    meta, warps, stages = triton_newton_schulz.PINNED_SYM
     if mode == 2:
-        meta, warps, stages = triton_newton_schulz._FINALIZE_GPU_CONFIGS[0]
+        meta, warps, stages = triton_newton_schulz.PINNED_FINALIZE
     pointers = {"x_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "out_ptr": "*bf16"}
     kernel = compile_for_hopper(
         triton_newton_schulz._sym_kernel,

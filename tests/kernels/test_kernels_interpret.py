@@ -29,6 +29,7 @@ def _poisoned_empty(shape, like):
 def _interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.delenv(dispatch.TRITON_CONFIG_ENV, raising=False)
     dispatch.set_backend("triton")
     monkeypatch.setattr(triton_gemm, "empty", _poisoned_empty)
     monkeypatch.setattr(triton_newton_schulz, "empty", _poisoned_empty)
@@ -63,6 +64,75 @@ def test_interpreter_takes_effect(monkeypatch):
     a, b = torch.randn(5, 7), torch.randn(7, 3)
     assert a.device.type == "cpu"
     assert rel_err(triton_gemm.gemm(a, b), a @ b) < 1e-5
+
+
+# ---- pinned configs (what tests/gpu runs) ------------------------------------------------------
+
+
+@pytest.fixture
+def pinned_launches(monkeypatch):
+    """RETRO_TRITON_CONFIG=pinned, recording the block sizes each launch's grid is computed from."""
+    monkeypatch.setenv(dispatch.TRITON_CONFIG_ENV, "pinned")
+    seen = []
+
+    def recording(fn, grid, *args, **kwargs):
+        def spy(meta):
+            seen.append((fn.__name__, {k: meta[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_K") if k in meta}))
+            return grid(meta)
+
+        return triton_build.launch(fn, spy, *args, **kwargs)
+
+    monkeypatch.setattr(triton_gemm, "launch", recording)
+    monkeypatch.setattr(triton_newton_schulz, "launch", recording)
+    return seen
+
+
+def test_pinned_mode_gives_bare_kernels_in_both_modes(monkeypatch):
+    """Pinned: no autotuner, compiled (TRITON_INTERPRET=0) or interpreted; the pinned configs are GPU configs."""
+    monkeypatch.setenv(dispatch.TRITON_CONFIG_ENV, "pinned")
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        fn = triton_build.kernel(triton_gemm._gemm_kernel, triton_gemm.GPU_CONFIGS, key=("M",))
+        assert not isinstance(fn, triton.runtime.Autotuner)
+    assert triton_gemm.PINNED in triton_gemm.GPU_CONFIGS
+    assert triton_newton_schulz.PINNED_SYM in triton_newton_schulz._SYM_GPU_CONFIGS
+    assert triton_newton_schulz.PINNED_FINALIZE in triton_newton_schulz._FINALIZE_GPU_CONFIGS
+
+
+def test_pinned_configs_compute_the_same_results(pinned_launches):
+    """Every kernel at its pinned GPU tile under the interpreter: the path tests/gpu compiles once per kernel.
+
+    Sizes cross the 128/256-wide pinned tiles (masks, wrapped rows); K 128 takes the unmasked EVEN_K loads.
+    """
+    b_, c_ = MUON_COEFFICIENTS[1:]
+    for k in (128, 77):
+        a, b, d = torch.randn(2, 150, k), torch.randn(2, k, 270), torch.randn(2, 150, 270)
+        assert rel_err(triton_gemm.gemm(a, b, d, alpha=0.5), a @ b + 0.5 * d) < 1e-5
+    x = torch.randn(2, 140, 200)
+    for schedule in ("direct", "stream_k"):
+        a = triton_newton_schulz.gram(x, schedule)
+        assert rel_err(a, x @ x.mT) < 1e-5 and torch.equal(a, a.mT)
+        p = triton_newton_schulz.gram_poly(a, b_, c_, schedule)
+        assert rel_err(p, b_ * a + c_ * (a @ a)) < 1e-5 and torch.equal(p, p.mT)
+    grad = torch.randn(3, 140, 90)
+    assert rel_err(newton_schulz(grad, steps=2), newton_schulz_reference(grad, steps=2)) < 1e-4
+    h = 130
+    w = (torch.randn(h, 2 * h) / h**0.5).requires_grad_()
+    s = torch.randn(5, h, requires_grad=True)
+    e = torch.randn(5, h)
+    g = torch.randn(5, h)
+    y = adapter(s, w[:, :h], adapter_injection(e, w[:, h:]))
+    y_ref = adapter_reference(s, w[:, :h], adapter_injection(e, w[:, h:]))
+    assert rel_err(y.detach(), y_ref.detach()) < 1e-5
+    for got, want in zip(torch.autograd.grad(y, (s, w), g), torch.autograd.grad(y_ref, (s, w), g)):
+        assert rel_err(got, want) < 1e-5
+    gemm_meta = {k: triton_gemm.PINNED[0][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    blocks = {name: [] for name in ("_gemm_kernel", "_sym_kernel")}
+    for name, meta in pinned_launches:
+        blocks[name].append(meta)
+    assert blocks["_gemm_kernel"] and all(m == gemm_meta for m in blocks["_gemm_kernel"])
+    pinned_sym = [triton_newton_schulz.PINNED_SYM[0], triton_newton_schulz.PINNED_FINALIZE[0]]
+    assert {tuple(sorted(m.items())) for m in blocks["_sym_kernel"]} == {tuple(sorted(c.items())) for c in pinned_sym}
 
 
 # ---- adapter ---------------------------------------------------------------------------------

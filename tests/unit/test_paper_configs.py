@@ -155,6 +155,7 @@ EXPLICIT = {
     ],
     "optim": ["name", "lr", "betas", "eps", "weight_decay", "schedule", "warmup_steps", "decay_steps", "min_lr_ratio"],
     "model": ["path", "init", "shape"],
+    "parallel": ["compile"],
 }
 EXPLICIT_MUON = [
     "muon_lr",
@@ -196,6 +197,8 @@ def test_paper_config_matches_the_paper(name):
         assert d.weights == [1.0] * row["sources"]  # an equal mix
     assert job.model.shape == row["shape"]
     assert job.model.init == "pretrained"
+    # Not the paper's (it ran eager): compiled layers measured 1.21x faster with the same losses (issue 26).
+    assert job.parallel.compile is True
 
     assert o.name == row["optimizer"]
     assert o.lr == row["lr"]
