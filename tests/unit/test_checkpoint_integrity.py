@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,18 @@ def test_supersede_moves_an_earlier_run_whole(tmp_path):
     assert (tmp_path / "notes.txt").is_file() and not (tmp_path / "checkpoints").exists()
     assert str(target) in said[0]
     assert checkpoint.supersede(tmp_path, said.append) is None
+
+
+def test_export_reads_the_checkpoints_own_record_and_its_cwd(tmp_path):
+    """export used to read max_mean from RUN/config.json (which a later run may rewrite) and resolve a
+    relative model.path against the cwd of the export, not of the run."""
+    from retro.export import read_run_config
+
+    run, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"recurrence": {"max_mean": 9.0}, "model": {"path": "elsewhere"}}))
+    job = {"recurrence": {"max_mean": 3.0}, "model": {"path": "assets/model"}}
+    (ckpt / checkpoint.RECORD).write_text(json.dumps({"job": job, "cwd": "/where/it/ran"}))
+    assert read_run_config(run, ckpt) == (3.0, Path("/where/it/ran/assets/model"))
+    (ckpt / checkpoint.RECORD).unlink()  # a checkpoint from before records: the run's config.json, as before
+    assert read_run_config(run, ckpt) == (9.0, Path("elsewhere"))
