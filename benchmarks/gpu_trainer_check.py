@@ -184,6 +184,7 @@ def train_command(setup: Setup, model: Path, data: Path, out: Path, compiled: bo
         f"train.global_batch={setup.global_batch}",
         f"train.micro_batch={setup.micro_batch}",
         "recurrence.curriculum=none",
+        "recurrence.draws_per_step=0",  # one micro-batch per step: the config's 2 groups would not divide it
         "train.val_batches=1",
         "train.val_recurrences=[1]",
         "checkpoint.keep_last=1",
