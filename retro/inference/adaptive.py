@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from retro.inference.generate import StaticKVCache
+    from retro.inference.kv_cache import StaticKVCache
 
 EXIT_CRITERIA = ("kl", "state", "entropy")
 
