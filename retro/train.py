@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_fresh_start(out_dir, ckpt.resume, ckpt.keep_last, args.force)
                 check_resume(out_dir, job, model_config)  # what a resume changes: refused or noted
 
-            with hold_run_dir(out_dir, info, ckpt.lock_stale_s, run_dir_checks):  # before anything in it is touched
-                trainer = Trainer(job, info, model_config)
+            with hold_run_dir(out_dir, info, ckpt.lock_stale_s, run_dir_checks) as lock:  # before anything is touched
+                trainer = Trainer(job, info, model_config, lock.still_mine if lock is not None else None)
                 try:
                     code = trainer.fit(signals)
                 finally:

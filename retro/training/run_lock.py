@@ -187,7 +187,7 @@ class RunLock:
         aside.unlink(missing_ok=True)
         return True
 
-    def _still_mine(self) -> bool:
+    def still_mine(self) -> bool:
         try:
             return self.path.read_bytes() == self.raw
         except OSError:
@@ -196,10 +196,10 @@ class RunLock:
     def _beat(self) -> None:
         """Refresh the heartbeat until released; stop with a warning if the lock stops being ours."""
         while not self._stop.wait(HEARTBEAT_S):
-            if not self._still_mine():
+            if not self.still_mine():
                 print(
                     f"retro.train: warning: {self.path} is no longer this run's (removed or taken over); "
-                    "another run may now write into this directory",
+                    "this run stops at the end of its current step without writing anything more",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -212,7 +212,7 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.held and self._still_mine():
+        if self.held and self.still_mine():
             self.path.unlink(missing_ok=True)
         self.held = False
         if self.created_dir:

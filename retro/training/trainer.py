@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +45,23 @@ from retro.training.train_state import TrainState
 from retro.training.validate import validation_losses
 
 BAD_STEPS_EXIT_CODE = 3
+LOST_EXIT_CODE = 2  # the run directory was taken over by another run (as when it is held at start-up)
 
 
 class Trainer:
-    def __init__(self, job: JobConfig, info: DistInfo, model_config: RetroConfig) -> None:
-        """Build the run: nothing here reads data or writes a file (`fit` does, in that order)."""
+    def __init__(
+        self,
+        job: JobConfig,
+        info: DistInfo,
+        model_config: RetroConfig,
+        owns_run_dir: Callable[[], bool] | None = None,
+    ) -> None:
+        """Build the run: nothing here reads data or writes a file (`fit` does, in that order).
+
+        `owns_run_dir` (rank 0, from its run-directory lock): asked once per step whether the directory is
+        still this run's; when not, every rank stops before writing anything more."""
         self.job, self.info, self.model_config = job, info, model_config
+        self.owns_run_dir = owns_run_dir
         t = job.train
         self.out_dir = Path(t.out_dir)
         self.recurrence = RecurrenceSchedule.from_settings(job.recurrence, t.steps, t.seed)
@@ -134,11 +146,15 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _agree(self, draws: list[Draw], signals: SignalFlag) -> bool:
+    def _agree(self, draws: list[Draw], signals: SignalFlag) -> str | None:
         """The step's one agreement all-reduce: every rank drew the same r (a rank that drew another would
-        silently train a different model), and whether any rank got a signal (so all save together)."""
+        silently train a different model), and what interrupts the run on every rank together: "lost" (rank
+        0's run-directory lock is no longer this run's: another run took the directory over while this one
+        was stopped or unreachable) over "signal" (any rank got SIGTERM/SIGUSR1, so all save together)."""
         r = torch.tensor([d.r for d in draws], dtype=torch.float64, device=self.info.device)
-        mine = torch.cat([r, -r, torch.tensor([float(signals.raised)], dtype=torch.float64, device=r.device)])
+        lost = self.owns_run_dir is not None and not self.owns_run_dir()
+        interrupt = 2.0 if lost else float(signals.raised)
+        mine = torch.cat([r, -r, torch.tensor([interrupt], dtype=torch.float64, device=r.device)])
         agreed = mine.clone()
         if dist.is_initialized():
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -146,7 +162,7 @@ class Trainer:
             raise TrainingError(
                 f"ranks disagree on the recurrence at this step (rank {self.info.rank} drew {r.tolist()})"
             )
-        return bool(agreed[-1].item())
+        return {0.0: None, 1.0: "signal", 2.0: "lost"}[agreed[-1].item()]
 
     def loss_weights(self, batches: list[dict]) -> torch.Tensor:
         """Per micro-batch: its loss tokens x ranks / the step's loss tokens on all ranks (one all-reduce).
@@ -199,7 +215,7 @@ class Trainer:
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(micro == self.accumulation - 1)
             loss_sum += self.forward_backward(batch, step, micro, draw, weights[micro])
-        signalled = self._agree(draws, signals)
+        interrupt = self._agree(draws, signals)
         losses = dict(zip(("loss", *self.objective.part_names), all_reduce_mean(loss_sum).tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.job.train.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
@@ -211,7 +227,7 @@ class Trainer:
         self.state.tokens += self.cost.tokens_per_step
         elapsed = time.perf_counter() - started
         lrs = self.scheduler.get_last_lr()
-        return self.cost.record(step + 1, losses, grad_norm, lrs, draws, elapsed, self.state.tokens), signalled
+        return self.cost.record(step + 1, losses, grad_norm, lrs, draws, elapsed, self.state.tokens), interrupt
 
     def _flops_per_token(self, n: float, k: float) -> float:
         """The step's work per token: the student's n no-grad + k grad passes, and the objective's own."""
@@ -257,7 +273,7 @@ class Trainer:
         self.model.train()
         try:
             while self.state.step < t.steps:
-                record, signalled = self.train_step(self.state.step, signals)
+                record, interrupt = self.train_step(self.state.step, signals)
                 finite = not record["skipped"]
                 bad_in_a_row = 0 if finite else bad_in_a_row + 1
                 progress.update(loss=f"{record['loss']:.4f}", r=record["r"], m=record["mean_recurrence"])
@@ -265,7 +281,7 @@ class Trainer:
                     loss, norm = record["loss"], record["grad_norm"]
                     why = f"non-finite loss {loss} or grad norm {norm}; update skipped ({bad_in_a_row} in a row)"
                     self._say(f"step {record['step']}: {why}", True)
-                decision = self.decide(record["step"], finite, bad_in_a_row, signalled)
+                decision = self.decide(record["step"], finite, bad_in_a_row, interrupt)
                 exit_code = self.act(decision, record, bad_in_a_row)
                 if exit_code is not None:
                     return exit_code
@@ -273,13 +289,16 @@ class Trainer:
             progress.close()
         return 0
 
-    def decide(self, step: int, finite: bool, bad_in_a_row: int, signalled: bool) -> Decision:
-        """What follows step `step`: stop (too many non-finite steps, or a signal), save, validate, log."""
+    def decide(self, step: int, finite: bool, bad_in_a_row: int, interrupt: str | None) -> Decision:
+        """What follows step `step`: stop (the directory taken over, too many non-finite steps, or a signal),
+        save, validate, log."""
         t = self.job.train
+        if interrupt == "lost":  # the directory is another run's now: write nothing more into it
+            return Decision(stop="lost", save=False, validate=False, log=False)
         if bad_in_a_row > t.max_bad_steps or (not finite and step == t.steps):
             # never save weights that just gave a non-finite loss: they would poison every resume
             return Decision(stop="non-finite", save=False, validate=False, log=True)
-        if signalled:  # a non-finite step is not saved: the next job resumes from the last good checkpoint
+        if interrupt == "signal":  # a non-finite step is not saved: the next job resumes from the last good checkpoint
             return Decision(stop="signal", save=finite, validate=False, log=True)
         return Decision(
             stop=None,
@@ -307,6 +326,14 @@ class Trainer:
             )
             self._say(f"stopping: {why}; these weights are not saved; {self.what_exists()}", True)
             return BAD_STEPS_EXIT_CODE
+        if decision.stop == "lost":
+            self._say(
+                f"error: {self.out_dir / '.retro-lock'} is no longer this run's: another run took {self.out_dir} "
+                f"over while this one was stopped or unreachable; stopping after step {step} without saving or "
+                "logging it, since the directory is the other run's now",
+                True,
+            )
+            return LOST_EXIT_CODE
         if decision.stop == "signal":
             if decision.save:
                 self._say(f"signal received; checkpoint at step {step} written; exiting for requeue")
@@ -326,7 +353,7 @@ class Trainer:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the loop does after a step; `stop` ("non-finite" | "signal") ends the run after the rest."""
+    """What the loop does after a step; `stop` ("lost" | "non-finite" | "signal") ends the run after the rest."""
 
     stop: str | None
     save: bool

@@ -195,3 +195,33 @@ def test_a_signal_during_start_up_exits_for_requeue(assets, tmp_path):
     assert "signal received during start-up, before the first step; nothing saved" in first + stdout
     assert checkpoint.complete_checkpoints(out) == []
     assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+
+
+def test_a_run_whose_directory_was_taken_over_stops_without_writing(assets, tmp_path):
+    """Probe 10: a run suspended past lock_stale_s on another node is taken over; when it wakes it used to
+    keep writing (145 steps twice in metrics.jsonl). Now each step asks whether the lock is still this run's,
+    and every rank stops before writing anything more (exit 2, one line)."""
+    import time
+
+    model, data = assets
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    overrides = base_overrides(model, data, out, **{"train.steps": 100_000, "train.log_every": 1})
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, "-m", "retro.train", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=repo)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    other = {"token": "other", "pid": 1, "host": "node-b", "started": time.time()}
+    (out / ".retro-lock").write_text(json.dumps(other))  # what a takeover leaves: another run's lock
+    logged = metrics.read_text().count("\n")
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if "error" in line]
+    assert "is no longer this run's" in line and "without saving or logging" in line
+    assert metrics.read_text().count("\n") <= logged + 1  # at most the step already past its check
+    assert checkpoint.complete_checkpoints(out) == []
+    assert json.loads((out / ".retro-lock").read_text())["token"] == "other"  # the new holder's lock is kept
