@@ -79,3 +79,18 @@ def tiny_recurrent(**overrides):
     model = retro.RetroForCausalLM(config)
     model.model.recurrent.adapter.reset_default(torch.Generator().manual_seed(1))
     return model
+
+
+def sharpened_retro(root: Path):
+    """Tiny Llama -> retro (1, 2, 1) with zero initial state, head scaled x40 so next-token entropies and
+    exit scores spread out (a random head gives a near-uniform distribution at every pass, where no
+    adaptive-exit threshold separates tokens). Shared by the adaptive-exit and depth-batching tests."""
+    from retro.convert import convert
+    from retro.model.modeling import RetroForCausalLM
+
+    save_source(root / "src", "llama")
+    convert(root / "src", root / "retro", shape=(1, 2, 1), adapter_init="default", state_init="zeros")
+    model = RetroForCausalLM.from_pretrained(root / "retro").eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    return model

@@ -25,6 +25,11 @@ sys.path.insert(0, str(REPO / "launchers"))
 from nodelist import expand  # noqa: E402
 
 
+def run_script(script: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A launcher script under bash from the repository root (dry runs: seconds)."""
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+
+
 def slurm_env(tmp: Path, nodes: int, nodelist: str, job_id: str = "4242", **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and not k.startswith("RETRO_")}
     env.update(
@@ -76,14 +81,7 @@ def test_slurm_dry_run(tmp_path, nodes, nodelist, gpu_var, hosts):
     config.write_text("[train]\nsteps = 10\n")
     env = slurm_env(tmp_path, nodes, nodelist, **gpu_var)
     env["PATH"] = "/usr/bin:/bin"  # no scontrol: the node list is parsed by launchers/nodelist.py
-    result = subprocess.run(
-        ["bash", str(SBATCH), "--dry-run", str(config), "--optim.lr=3e-4", "--train.out_dir=/x y"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = run_script(SBATCH, ["--dry-run", str(config), "--optim.lr=3e-4", "--train.out_dir=/x y"], env)
     assert result.returncode == 0, result.stderr
     commands = torchrun_lines(result.stdout)
     assert sorted(commands) == list(range(nodes))
@@ -119,14 +117,7 @@ def test_a_requeued_start_resumes_whatever_the_submission_said(tmp_path, restart
     config.write_text("[train]\nsteps = 10\n")
     env = slurm_env(tmp_path, 1, "gpu017", SLURM_GPUS_ON_NODE="1", SLURM_RESTART_COUNT=restart)
     env["PATH"] = "/usr/bin:/bin"
-    result = subprocess.run(
-        ["bash", str(SBATCH), "--dry-run", str(config), "--resume", "none", "--force"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = run_script(SBATCH, ["--dry-run", str(config), "--resume", "none", "--force"], env)
     assert result.returncode == 0, result.stderr
     (argv,) = torchrun_lines(result.stdout).values()
     assert argv[-len(last) :] == last
@@ -136,9 +127,7 @@ def test_slurm_dry_run_rejects_mismatched_nodelist(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("")
     env = slurm_env(tmp_path, 4, "gpu[001-003]", SLURM_GPUS_ON_NODE="8", RETRO_DRY_RUN="1")
-    result = subprocess.run(
-        ["bash", str(SBATCH), str(config)], capture_output=True, text=True, env=env, cwd=REPO, timeout=60
-    )
+    result = run_script(SBATCH, [str(config)], env)
     assert result.returncode != 0
     assert "SLURM_NNODES=4 but the node list has 3 hosts" in result.stderr
 
@@ -147,14 +136,7 @@ def test_local_dry_run(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("")
     env = {**os.environ, "RETRO_NPROC_PER_NODE": "2"}
-    result = subprocess.run(
-        ["bash", str(LOCAL), "--dry-run", str(config), "--train.steps=3", "--resume", "none"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = run_script(LOCAL, ["--dry-run", str(config), "--train.steps=3", "--resume", "none"], env)
     assert result.returncode == 0, result.stderr
     assert shlex.split(result.stdout.strip()) == [
         "torchrun",

@@ -9,11 +9,10 @@ import copy
 import pytest
 import torch
 from masked_adaptive import masked_adaptive_step
-from tiny import save_source
+from tiny import sharpened_retro
 from torch.utils.flop_counter import FlopCounterMode
 
 import retro  # noqa: F401  (registers the Auto classes)
-from retro.convert import convert
 from retro.inference import generate as generate_module
 from retro.inference.adaptive import ExitRule, adaptive_step, parse_exit_rule
 from retro.inference.generate import (
@@ -35,15 +34,7 @@ R_MAX, STEPS = 8, 7
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> RetroForCausalLM:
-    """Tiny Llama -> (1, 2, 1), random adapter, head scaled x40 so next-token entropies spread out (a random
-    head gives a near-uniform distribution at every pass, where no entropy threshold separates tokens)."""
-    root = tmp_path_factory.mktemp("adaptive")
-    save_source(root / "src", "llama")
-    convert(root / "src", root / "retro", shape=(1, 2, 1), adapter_init="default", state_init="zeros")
-    model = RetroForCausalLM.from_pretrained(root / "retro").eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40)
-    return model
+    return sharpened_retro(tmp_path_factory.mktemp("adaptive"))
 
 
 def left_pad(prompts):

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from tiny import save_source
+from tiny import save_source, sharpened_retro
 
 import retro  # noqa: F401  (registers the Auto classes)
 from retro.convert import convert
@@ -26,14 +26,7 @@ R_MAX, STEPS = 8, 7
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> RetroForCausalLM:
-    """Tiny Llama -> (1, 2, 1), head scaled x40 so exit scores spread out (as in test_adaptive_exit.py)."""
-    root = tmp_path_factory.mktemp("depth")
-    save_source(root / "src", "llama")
-    convert(root / "src", root / "retro", shape=(1, 2, 1), adapter_init="default", state_init="zeros")
-    model = RetroForCausalLM.from_pretrained(root / "retro").eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40)
-    return model
+    return sharpened_retro(tmp_path_factory.mktemp("depth"))
 
 
 def settings(rule, **kw) -> GenerationSettings:
