@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> dict:
     recurrences = parse_recurrences(args.recurrences)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.readout_share <= 1:
+        raise ValueError(f"--readout-share must be in [0, 1], got {args.readout_share}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.max_length and args.task != "loss" and args.max_length <= args.max_new_tokens:
@@ -254,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="generation tasks on recurrent models: each row decodes at its own depth (rows that exit go on to their "
         "next token while others iterate) and a queue of all prompts refills freed rows; --batch-size is the number "
         "of rows. Completions equal one-by-one decoding (also with a random s0)",
+    )
+    p.add_argument(
+        "--readout-share",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="with --depth-batching: rows whose token exited wait until this share of the rows waits, then one coda "
+        "and head read them all out (0: read out every pass; 1: wait for every row). Each read-out costs the coda "
+        "and head weights whatever its rows, so waiting pays where weights set the time; outputs are the same",
     )
     p.add_argument(
         "--share-kv-cache", action="store_true", help="keep only the last pass's block K/V (r x less memory)"

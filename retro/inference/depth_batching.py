@@ -2,13 +2,14 @@
 
 With a per-token exit rule, a batch decoded in lockstep waits at every token for its deepest row. Here every
 row (slot) keeps its own position, its own pass counter and its own cache length, and one *tick* runs one
-recurrent pass for every active slot, whatever pass or token that slot is at:
+recurrent pass for every slot still iterating, whatever pass or token that slot is at:
 
 - a slot that is iterating runs its next block pass at its current token;
-- a slot whose token exited on the previous tick has been read out (coda + head, or the readout of its exit
-  pass for kl/entropy), picked its next token, and now runs that token's embed + prelude and first pass.
+- a slot whose token exited waits, out of the block, until `readout_share` of the occupied slots waits; then
+  one coda + head call reads them all out (kl/entropy: the read-out of each exit pass, kept), each picks its
+  next token, and at the next tick runs that token's embed + prelude and first pass.
 
-So the block always runs on every active slot, and the passes of different slots are batched together. The
+So the block runs on every slot still iterating, and the passes of different slots are batched together. The
 block's K/V cache is one buffer per layer with a pass axis [P, B, H, L, D]: each slot reads and writes the
 buffer of its own pass, at its own position, and its attention mask shows its own positions only. A slot whose
 request finished is refilled with the next prompt of the queue (prefilled at r_max passes, several new slots at
@@ -58,9 +59,12 @@ class _RowSlot:
         self.k[index] = key.transpose(1, 2)
         self.v[index] = value.transpose(1, 2)
         span = slice(0, c.read_len)
-        if c.all_rows and self.k.size(0) == 1:  # every row, one buffer: a view, no gather
-            return self.k[0, :, :, span], self.v[0, :, :, span]
-        return self.k[:, :, :, span][which, c.rows], self.v[:, :, :, span][which, c.rows]
+        one = 0 if self.k.size(0) == 1 else c.one_pass  # the pass every row is at, or None
+        if one is None:
+            return self.k[:, :, :, span][which, c.rows], self.v[:, :, :, span][which, c.rows]
+        if c.all_rows:  # every row at one pass: a view, no gather
+            return self.k[one, :, :, span], self.v[one, :, :, span]
+        return self.k[one, :, :, span][c.rows], self.v[one, :, :, span][c.rows]
 
 
 class RowKVCache:
@@ -89,7 +93,7 @@ class RowKVCache:
         self.block = [_RowSlot(self, block_passes, shape, param.dtype, param.device) for _ in range(config.n_recurrent)]
         self.rows = self.positions = self.passes = torch.zeros(0, dtype=torch.long, device=param.device)
         self.read_len = 0
-        self.batch_size, self.all_rows = batch_size, False
+        self.batch_size, self.all_rows, self.one_pass = batch_size, False, None
         self.past_length = 0  # the model's KVCache protocol; unused (the caller gives positions and masks)
 
     def set(self, rows: torch.Tensor, positions: torch.Tensor, passes: torch.Tensor, read_len: int) -> None:
@@ -97,6 +101,12 @@ class RowKVCache:
             raise ValueError(f"KV cache overflow: position {int(positions.max())}, cache holds {self.max_length}")
         self.rows, self.positions, self.passes, self.read_len = rows, positions, passes, read_len
         self.all_rows = rows.numel() == self.batch_size  # rows are distinct and sorted: all of them, in order
+        first = int(passes[0])
+        self.one_pass = first if bool((passes == first).all()) else None
+
+    def at_pass(self, p: int) -> None:
+        """The rows of the last `set` all move on to pass p."""
+        self.passes, self.one_pass = torch.full_like(self.rows, p), p
 
     def slot(self, key: tuple) -> _RowSlot:
         if key[0] == "block":
@@ -137,7 +147,13 @@ class DepthStats:
     ticks: int = 0
     work: int = 0
     prefills: int = 0
+    readouts: int = 0  # read-outs of waiting slots (each one coda + head call for the state rule and fixed r)
     slots_of: dict[int, int] = field(default_factory=dict)  # request index -> slot it ran in
+
+
+def _row_mask(pos: torch.Tensor, read: int) -> torch.Tensor:
+    """[n, 1, 1, read]: each row sees its own positions up to its current one."""
+    return (torch.arange(read, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
 
 
 def _prelude(model, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: RowKVCache):
@@ -165,7 +181,9 @@ def _initial_states(model, e: torch.Tensor, lengths: list[int], generators: list
 class _Decoder:
     """The slots' state between ticks; `run` yields each request when it finishes."""
 
-    def __init__(self, model, prompts, settings: GenerationSettings, max_batch: int, eos, stop, stats) -> None:
+    def __init__(
+        self, model, prompts, settings: GenerationSettings, max_batch: int, eos, stop, stats, readout_share: float
+    ) -> None:
         self.model, self.settings, self.stop, self.stats = model, settings, stop, stats
         self.rule = settings.exit_rule()
         self.r = settings.num_recurrences
@@ -192,6 +210,10 @@ class _Decoder:
         )
         self.prev = torch.zeros(batch, width, dtype=torch.float32, device=device)
         self.state = self.injection = None  # [B, 1, h], allocated at the first token (compute dtype)
+        self.waiting = torch.zeros(batch, dtype=torch.bool, device=device)  # token exited, read-out pending
+        self.logits: torch.Tensor | None = None  # kl / entropy: each waiting slot's exit-pass logits [B, V]
+        # kl / entropy read out every pass anyway: nothing to gain by waiting
+        self.readout_at = 0.0 if self.rule is not None and self.rule.needs_readout else readout_share
 
     def run(self) -> Iterator[Finished]:
         yield from self._refill()
@@ -258,17 +280,29 @@ class _Decoder:
             e, _initial_states(model, e, lengths.tolist(), [self.generators[b] for b in slots])
         )
         for p in range(self.r):
-            self.cache.passes = torch.full((n,), p, dtype=torch.long, device=device)
+            self.cache.at_pass(p)
             state = m.recurrent.recurrence_pass(state, injection, rope, mask, self.cache, p)
         hidden = m.coda_and_norm(state, rope, mask, self.cache)
         return model.lm_head(hidden[torch.arange(n, device=device), lengths - 1])
 
     def _tick(self) -> Iterator[Finished]:
+        """One block pass for every slot still iterating; then the read-out of the waiting slots, if due."""
+        occupied = [b for b, r in enumerate(self.request) if r >= 0]
+        waiting = self.waiting.tolist()
+        iterating = [b for b in occupied if not waiting[b]]
+        if iterating:
+            self._pass(torch.tensor(iterating, device=self.device))
+        waiting = [b for b in occupied if self.waiting[b]]
+        if waiting and (len(waiting) >= self.readout_at * len(occupied) or len(waiting) == len(occupied)):
+            yield from self._readout(torch.tensor(waiting, device=self.device))
+
+    def _pass(self, active: torch.Tensor) -> None:
+        """Embed + prelude for the slots that begin a token, one block pass for all of `active`, the exit test;
+        slots whose token exits start waiting for the read-out (their skipped passes' K/V filled)."""
         model, m, cache = self.model, self.model.model, self.cache
-        active = torch.tensor([b for b, r in enumerate(self.request) if r >= 0], device=self.device)
         pos = self.pos[active]
         read = int(pos.max()) + 1
-        mask = (torch.arange(read, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = _row_mask(pos, read)
         starting = self.starting[active]
         if bool(starting.any()):
             self._start_tokens(active[starting], pos[starting], mask[starting], read)
@@ -294,14 +328,28 @@ class _Decoder:
         if not bool(exits.any()):
             return
         slots = active[exits]
-        slot_list, passes = slots.tolist(), done[exits].tolist()
-        cache.fill_later_passes(slot_list, [p - 1 for p in passes], pos[exits].tolist())
-        if out is not None:
-            logits = out[exits]
+        cache.fill_later_passes(slots.tolist(), (done[exits] - 1).tolist(), pos[exits].tolist())
+        self.waiting[slots] = True
+        if out is not None:  # kl / entropy: the exit pass's read-out is the token's
+            if self.logits is None:
+                self.logits = out.new_zeros(len(self.request), out.size(-1))
+            self.logits[slots] = out[exits]
+
+    def _readout(self, slots: torch.Tensor) -> Iterator[Finished]:
+        """The waiting slots' next tokens: coda + head on their exit states (kl / entropy: the exit pass's
+        logits, kept), picked, emitted; an unfinished slot begins its next token at the next tick."""
+        model, m, cache = self.model, self.model.model, self.cache
+        if self.logits is not None:
+            logits = self.logits[slots]
         else:
-            cache.set(slots, pos[exits][:, None], torch.zeros_like(slots), read)
-            rope_e = (rope[0][exits], rope[1][exits])
-            logits = model.lm_head(m.coda_and_norm(self.state[slots], rope_e, mask[exits], cache)[:, -1])
+            pos = self.pos[slots]
+            read = int(pos.max()) + 1
+            cache.set(slots, pos[:, None], torch.zeros_like(slots), read)
+            rope = rope_cos_sin(m.inv_freq, pos[:, None], self.state.dtype)
+            logits = model.lm_head(m.coda_and_norm(self.state[slots], rope, _row_mask(pos, read), cache)[:, -1])
+        self.stats.readouts += 1
+        slot_list, passes = slots.tolist(), self.npass[slots].tolist()
+        self.waiting[slots] = False
         for b, t, used in zip(slot_list, self._pick(logits, slot_list), passes):
             if self._emit(b, t, used):
                 yield self._free(b)
@@ -336,20 +384,29 @@ def generate_stream(
     eos_token_ids: Sequence[int] = (),
     stop: Callable[[list[int]], bool] | None = None,
     stats: DepthStats | None = None,
+    readout_share: float = 0.5,
 ) -> Iterator[Finished]:
     """Decode a queue of prompts (token ids, unpadded) `max_batch` at a time with depth batching; yields each
     request as it finishes (at EOS, `stop` or `max_new_tokens`). Each request's output is `generate`'s on it
-    alone. `stats` (optional) is filled with the ticks and work done."""
+    alone. `stats` (optional) is filled with the ticks and work done.
+
+    `readout_share` in [0, 1]: slots whose token exited wait (their rows leave the block) until this share of
+    the occupied slots waits, then coda + head run once for all of them. 0 reads out each tick; 1 waits for
+    every slot (lockstep tokens with a queue). Each read-out costs a coda and head weight pass whatever its rows,
+    so waiting pays where those weights, not the rows, set the time (small batches, CPUs); the state rule and
+    fixed r only (kl and entropy read out every pass anyway)."""
     settings.validate()
     if not model.config.is_recurrent:
         raise ValueError("depth batching needs a recurrent model; this checkpoint is static (n_recurrent = 0)")
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if not 0.0 <= readout_share <= 1.0:
+        raise ValueError(f"readout_share must be in [0, 1], got {readout_share}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("an empty prompt (no tokens): give it some text or add BOS")
     if not prompts:
         return
-    decoder = _Decoder(model, prompts, settings, max_batch, eos_token_ids, stop, stats or DepthStats())
+    decoder = _Decoder(model, prompts, settings, max_batch, eos_token_ids, stop, stats or DepthStats(), readout_share)
     yield from decoder.run()
 
 
@@ -362,12 +419,14 @@ def generate_text_queued(
     stop_strings: Sequence[str] = (),
     add_bos: bool | None = None,
     max_length: int | None = None,
+    readout_share: float = 0.5,
 ) -> list[Completion]:
-    """`generate_text` with depth batching over the whole queue of prompts; completions in prompt order."""
+    """`generate_text` with depth batching over the whole queue of prompts; completions in prompt order
+    (`readout_share` as in `generate_stream`)."""
     rows, lengths, eos_ids, _ = prepare_prompts(model, tokenizer, prompts, settings, add_bos, max_length)
     stop = StopStrings(tokenizer, stop_strings) if stop_strings else None
     completions: list[Completion | None] = [None] * len(rows)
-    for done in generate_stream(model, rows, settings, max_batch, eos_ids, stop):
+    for done in generate_stream(model, rows, settings, max_batch, eos_ids, stop, readout_share=readout_share):
         text = truncate_at_stop(tokenizer.decode(done.tokens, skip_special_tokens=True), stop_strings)
         n, i = len(done.tokens), done.index
         mean = sum(done.passes) / n if n else 0.0

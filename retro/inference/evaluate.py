@@ -39,6 +39,7 @@ class EvalSettings:
     adaptive_exit: str | None = None  # exit rules, comma-separated: {kl,state,entropy}:T, a bare KL threshold, fixed
     adaptive_min_r: int = 1  # no token exits before this many passes
     depth_batching: bool = False  # generation: rows at different depths share ticks, a queue refills free rows
+    readout_share: float = 0.5  # depth batching: exited rows wait until this share of the rows waits
     share_kv_cache: bool = False  # keep only the last pass's block K/V
     state_init: str | None = None  # override the checkpoint's s0 init
     seed: int = 0  # seed of s0 draws (and sampling)
@@ -93,7 +94,15 @@ def eval_generation(
         began = time.perf_counter()
         if queued:
             completions = generate_text_queued(
-                model, tokenizer, prompts, generation, batch_size, stops, settings.add_bos, settings.max_length or None
+                model,
+                tokenizer,
+                prompts,
+                generation,
+                batch_size,
+                stops,
+                settings.add_bos,
+                settings.max_length or None,
+                settings.readout_share,
             )
         else:
             completions = generate_text(

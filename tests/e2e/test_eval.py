@@ -247,10 +247,12 @@ def test_batch_size_does_not_change_completions(setup, tmp_path, capsys):
 
 
 def test_depth_batching_gives_one_by_one_completions(setup, tmp_path, capsys):
-    """--depth-batching (2 rows fed from a queue of 5 prompts) gives each example the completion, token count and
-    mean passes of one-by-one decoding, for an exit rule and fixed r; the static model decodes as without it."""
+    """--depth-batching (2 rows fed from a queue of 5 prompts, read out together) gives each example the
+    completion, token count and mean passes of one-by-one decoding, for an exit rule and fixed r; the static model
+    decodes as without it."""
     runs = {}
-    for name, extra in (("single", ["--batch-size", "1"]), ("depth", ["--batch-size", "2", "--depth-batching"])):
+    depth = ["--batch-size", "2", "--depth-batching", "--readout-share", "1"]
+    for name, extra in (("single", ["--batch-size", "1"]), ("depth", depth)):
         out = tmp_path / name
         rc, _, err = run_eval(
             capsys,
@@ -478,3 +480,31 @@ def test_loss_task_needs_a_shard_directory(setup, tmp_path, capsys):
         capsys, "--model", setup["recurrent"], "--task", "loss", "--data", setup["gsm8k"], "--out", tmp_path / "o"
     )
     assert rc == 2 and "not a directory" in err
+
+
+def test_adaptive_exit_benchmark_on_a_model_and_its_shards(setup, tmp_path):
+    """benchmarks.adaptive_exit --model/--data (the SmolLM2 measurement's path) on the tiny model: a rule that
+    never exits (kl:0) has fixed r_max's loss and tokens, the sweep runs each share, the report renders."""
+    from benchmarks.adaptive_exit import main as bench_main
+    from benchmarks.adaptive_exit import markdown
+    from retro.data.prepare import main as prepare_main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Line {i}: the cat sat on mat number {i * 7}.\n" for i in range(60)))
+    shards = tmp_path / "shards"
+    prepare = ["--input", text, "--tokenizer", setup["recurrent"], "--out", shards, "--val-fraction", "0.5"]
+    assert prepare_main([str(a) for a in [*prepare, "--quiet"]]) == 0
+    out = tmp_path / "bench"
+    argv = ["--model", setup["recurrent"], "--data", shards, "--r-max", "3", "--fixed", "1,3", "--rules", "kl:0"]
+    argv += ["--seq-len", "16", "--val-rows", "2", "--val-batches", "2", "--prompt-len", "4", "--gen-tokens", "3"]
+    argv += ["--agree-prompts", "4", "--speed-prompts", "4", "--repeats", "1", "--share-sweep", "kl:0"]
+    argv += ["--sweep-shares", "0,1", "--out", out]
+    assert bench_main([str(a) for a in argv]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["config"]: row for row in results["rows"]}
+    never, fixed = rows["kl:0 (r<=3)"], rows["fixed r=3"]
+    assert never["loss"] == pytest.approx(fixed["loss"], rel=1e-6) and never["mean_passes"] == 3
+    assert never["agreement"] == fixed["agreement"] == 1.0
+    assert rows["fixed r=1"]["mean_passes"] == 1 and rows["fixed r=1"]["loss"] != fixed["loss"]
+    assert [s["share"] for s in results["share_sweep"]["shares"]] == [0.0, 1.0]
+    assert (out / "results.md").read_text() == markdown(results) and (out / "quality.png").is_file()

@@ -444,6 +444,13 @@ def test_eval_adaptive_exit_must_be_a_finite_threshold(work, capsys, value):
     assert f"--adaptive-exit must be a finite KL threshold >= 0, got {float(value)}" in line
 
 
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_eval_readout_share_must_be_a_share(work, capsys, value):
+    argv = ["--model", work / "model", "--task", "gsm8k", "--data", work / "corpus.jsonl", "--out", work / "ev"]
+    line = refused(eval_main, [*argv, "--depth-batching", "--readout-share", value], capsys, "retro.eval", work)
+    assert f"--readout-share must be in [0, 1], got {float(value)}" in line
+
+
 def test_eval_out_with_earlier_results_is_refused(work, capsys, shards):
     """Used to replace the earlier results without notice; the earlier results.json keeps its bytes."""
     out = work / "ev"

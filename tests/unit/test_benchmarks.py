@@ -112,7 +112,8 @@ def same_table_text(text: str) -> str:
         ("benchmarks.run", "suite_cpu"),
         ("benchmarks.real_retrofit.report", "real_retrofit/results"),
         ("benchmarks.distill_and_layers", "distill_and_layers/results"),
-        ("benchmarks.adaptive_exit", "adaptive_exit/results"),
+        ("benchmarks.adaptive_exit", "adaptive_exit/demo/results"),
+        ("benchmarks.adaptive_exit", "adaptive_exit/smollm2/results"),
     ],
 )
 def test_reports_render_their_stored_results(module, stored):

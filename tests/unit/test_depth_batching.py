@@ -43,8 +43,10 @@ def one_by_one(model, s: GenerationSettings, eos=()) -> list[tuple[list[int], li
     return outs
 
 
-def queued(model, s: GenerationSettings, max_batch: int, eos=(), stats=None) -> list[tuple[list[int], list[int]]]:
-    finished = list(generate_stream(model, PROMPTS, s, max_batch, eos, stats=stats))
+def queued(
+    model, s: GenerationSettings, max_batch: int, eos=(), stats=None, share: float = 0.0
+) -> list[tuple[list[int], list[int]]]:
+    finished = list(generate_stream(model, PROMPTS, s, max_batch, eos, stats=stats, readout_share=share))
     assert sorted(f.index for f in finished) == list(range(len(PROMPTS)))
     by_index = {f.index: (f.tokens, f.passes) for f in finished}
     return [by_index[i] for i in range(len(PROMPTS))]
@@ -75,7 +77,7 @@ def test_rows_at_different_depths_share_ticks(model):
     s = settings(rule, max_new_tokens=12)
     prompts = [PROMPTS[0], PROMPTS[2]]
     stats = DepthStats()
-    got = {f.index: f.passes for f in generate_stream(model, prompts, s, 2, stats=stats)}
+    got = {f.index: f.passes for f in generate_stream(model, prompts, s, 2, stats=stats, readout_share=0.0)}
     decode = [got[i][1:] for i in range(2)]
     lockstep = sum(max(a, b) for a, b in zip(*decode))
     assert stats.ticks == max(sum(d) for d in decode) < lockstep
@@ -109,3 +111,25 @@ def test_refuses_bad_settings(model, tmp_path):
     static = RetroForCausalLM.from_pretrained(tmp_path / "static").eval()
     with pytest.raises(ValueError, match="needs a recurrent model"):
         list(generate_stream(static, PROMPTS, settings(None), 2))
+
+
+@pytest.mark.parametrize("rule", [ExitRule("state", 0.25), None], ids=str)
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_waiting_for_a_shared_readout_keeps_one_by_one_outputs(model, rule, share):
+    """Slots whose token exited wait (out of the block) until `share` of the slots waits, then one coda + head
+    reads them all out: fewer read-outs than one per tick, and every request still decodes as it would alone."""
+    s = settings(rule)
+    eos = [one_by_one(model, s)[0][0][3]]
+    want = one_by_one(model, s, eos)
+    eager, waiting = DepthStats(), DepthStats()
+    assert queued(model, s, 3, eos, eager, share=0.0) == want
+    assert queued(model, s, 3, eos, waiting, share=share) == want
+    decoded = sum(p for _, passes in want for p in passes[1:])
+    assert eager.work == waiting.work == decoded  # the same row passes, none wasted
+    if rule is not None:
+        assert waiting.readouts < eager.readouts
+
+
+def test_readout_share_must_be_a_share(model):
+    with pytest.raises(ValueError, match=r"readout_share must be in \[0, 1\], got 1.5"):
+        list(generate_stream(model, PROMPTS, settings(None), 2, readout_share=1.5))
