@@ -25,7 +25,7 @@ from retro.training.job_config import load_config, split_cli_overrides
 from retro.training.model_source import load_model_config
 from retro.training.preflight import check_data
 from retro.training.resume_check import check_resume
-from retro.training.run_lock import hold_run_dir
+from retro.training.run_lock import claim_linked_checkpoints, hold_run_dir
 from retro.training.signals import SignalFlag
 from retro.training.trainer import Trainer
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir, ckpt = Path(job.train.out_dir), job.checkpoint
 
             def run_dir_checks() -> None:  # rank 0, lock held, nothing in out_dir written yet
+                claim_linked_checkpoints(out_dir)  # a checkpoints folder linked from two run dirs is refused
                 check_fresh_start(out_dir, ckpt.resume, ckpt.keep_last, args.force)
                 check_resume(out_dir, job, model_config)  # what a resume changes: refused or noted
 

@@ -23,6 +23,7 @@ TOKENIZER_FILES = (
 
 
 RUN_LOCK_NAME = ".retro-lock"  # retro/training/run_lock.py's lock file, named here to recognise a run directory
+LINK_CLAIM_NAME = ".retro-run-dir"  # in a linked checkpoints folder: the run directory it belongs to
 RUN_FOLDERS = ("checkpoints", "superseded", "model_config", "tensorboard")  # what a run writes below itself
 
 

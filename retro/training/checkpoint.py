@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from retro.data.loader import sampler_state_of
 from retro.data.mixture import reshard_states
+from retro.hf.output_dir import LINK_CLAIM_NAME
 from retro.training.errors import ConfigError
 
 MARKER = "COMPLETE"
@@ -208,10 +209,18 @@ def check_fresh_start(out_dir: Path, resume: str, keep_last: int, force: bool, s
 def supersede(out_dir: Path, say=print) -> Path | None:
     """Move an earlier run's files (RUN_FILES) into OUT/superseded/<UTC time>/, so a fresh start in
     out_dir neither mixes with them nor deletes them; returns where they went (None: there were none)."""
-    present = [out_dir / name for name in RUN_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    link = out_dir / "checkpoints"
+    linked = link.is_symlink() and link.is_dir()  # a folder elsewhere: the link stays, its contents move aside
+    if linked:
+        _set_aside_in_linked_folder(link, stamp, say)
+    present = [
+        out_dir / name
+        for name in RUN_FILES
+        if ((out_dir / name).exists() or (out_dir / name).is_symlink()) and not (linked and name == "checkpoints")
+    ]
     if not present:
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = out_dir / SUPERSEDED / stamp
     for suffix in range(1, 1000):  # two fresh starts within one second
         if not target.exists():
@@ -222,6 +231,24 @@ def supersede(out_dir: Path, say=print) -> Path | None:
         path.rename(target / path.name)
     say(f"retro.train: fresh start: the earlier run's {', '.join(p.name for p in present)} moved to {target}")
     return target
+
+
+def _set_aside_in_linked_folder(link: Path, stamp: str, say) -> None:
+    """A fresh start over a linked checkpoints folder: its earlier entries move into FOLDER/superseded-<stamp>/,
+    on the folder's own filesystem (a rename to OUT/superseded could cross filesystems), the link kept."""
+    folder = link.resolve()
+    earlier = [p for p in folder.iterdir() if p.name != LINK_CLAIM_NAME and not p.name.startswith("superseded-")]
+    if not earlier:
+        return
+    target = folder / f"superseded-{stamp}"
+    for suffix in range(1, 1000):
+        if not target.exists():
+            break
+        target = folder / f"superseded-{stamp}-{suffix}"
+    target.mkdir()
+    for path in earlier:
+        path.rename(target / path.name)
+    say(f"retro.train: fresh start: the earlier run's checkpoints in the linked folder {folder} moved to {target}")
 
 
 def set_aside_other_branches(out_dir: Path, run_id: str | None, step: int, say=print) -> Path | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from retro.distributed.setup import DistInfo
-from retro.hf.output_dir import RUN_LOCK_NAME
+from retro.hf.output_dir import LINK_CLAIM_NAME, RUN_LOCK_NAME
 from retro.training.errors import ConfigError, SharedVerdict
 
 LOCK_NAME = RUN_LOCK_NAME
@@ -218,6 +218,49 @@ class RunLock:
         if self.created_dir:
             with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
                 self.out_dir.rmdir()
+
+
+CLAIM_NAME = LINK_CLAIM_NAME
+
+
+def claim_linked_checkpoints(out_dir: Path, say: Callable[[str], None] = print) -> None:
+    """`OUT/checkpoints` may be a link to a folder elsewhere (a scratch filesystem). Two run directories linked
+    to one folder would resume from and prune each other's checkpoints, so the folder records the run directory
+    it belongs to (created atomically, in the folder) and another run directory is refused, while the owner
+    still exists. Rank 0, run-directory lock held, before anything is written."""
+    link = out_dir / "checkpoints"
+    if not link.is_symlink():
+        return
+    folder, me = link.resolve(), str(out_dir.resolve())
+    if not folder.is_dir():
+        raise ConfigError(f"{link} links to {folder}, which is not a folder: create it or remove the link")
+    claim = folder / CLAIM_NAME
+    for _ in range(3):  # each pass claims the folder, accepts our own claim, or refuses
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            fd = None
+        if fd is not None:
+            try:
+                os.write(fd, (me + "\n").encode())
+            finally:
+                os.close(fd)
+            return
+        try:
+            owner = claim.read_text().strip()
+        except FileNotFoundError:
+            continue  # removed meanwhile: claim it
+        if owner == me:
+            return
+        owner_link = Path(owner) / "checkpoints"
+        if owner_link.is_symlink() and owner_link.resolve() == folder:
+            raise ConfigError(
+                f"{link} links to {folder}, which holds the checkpoints of the run directory {owner}: give "
+                "each run directory its own checkpoints folder (two would resume from and prune each other's)"
+            )
+        say(f"retro.train: note: {folder} belonged to {owner}, which no longer links to it; it is now {me}'s")
+        claim.unlink(missing_ok=True)
+    raise ConfigError(f"{folder}: another run is claiming it at the same time")
 
 
 def _from_rank0(error: str | None) -> str | None:

@@ -172,6 +172,25 @@ def test_a_run_directory_belongs_to_one_run(assets, tmp_path):
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step_00000004"]
 
 
+def test_two_run_dirs_linked_to_one_checkpoints_folder(assets, tmp_path):
+    """Probe 29 of issue 24: the second run directory used to resume from and prune the first's checkpoints.
+    Now it exits 2 naming the first, and the first's checkpoints are untouched."""
+    model, data = assets
+    shared = tmp_path / "scratch"
+    shared.mkdir()
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    for run in (run_a, run_b):
+        run.mkdir()
+        (run / "checkpoints").symlink_to(shared)
+    run_train(base_overrides(model, data, run_a, **{"train.steps": 4, "checkpoint.every": 2}))
+    before = {p.name for p in shared.iterdir()}
+    assert "step_00000004" in before
+    result = run_train(base_overrides(model, data, run_b, **{"train.steps": 4}), check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"holds the checkpoints of the run directory {run_a.resolve()}" in result.stderr
+    assert {p.name for p in shared.iterdir()} == before and not (run_b / "metrics.jsonl").exists()
+
+
 def test_a_signal_during_start_up_exits_for_requeue(assets, tmp_path):
     """SIGUSR1 right after the config is resolved, while the model is still loading. Before: the handler was
     installed only in fit(), so the default action killed the process (exit -10, no requeue). Now: exit 85,

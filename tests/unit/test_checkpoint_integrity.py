@@ -148,6 +148,25 @@ def test_supersede_moves_an_earlier_run_whole(tmp_path):
     assert checkpoint.supersede(tmp_path, said.append) is None
 
 
+def test_supersede_keeps_a_linked_checkpoints_folder_and_sets_its_contents_aside_in_it(tmp_path):
+    """A fresh start used to move the link itself into OUT/superseded, so the run then wrote its checkpoints
+    into OUT instead of the linked folder. Now the link stays and the folder's earlier entries move aside inside
+    it (same filesystem); the folder's claim record stays."""
+    folder, run = tmp_path / "scratch", tmp_path / "run"
+    (folder / "step_00000002").mkdir(parents=True)
+    (folder / ".retro-run-dir").write_text(f"{run}\n")
+    run.mkdir()
+    (run / "checkpoints").symlink_to(folder)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    said = []
+    target = checkpoint.supersede(run, said.append)
+    assert (run / "checkpoints").is_symlink() and (run / "checkpoints").resolve() == folder
+    (aside,) = folder.glob("superseded-*")
+    assert [p.name for p in aside.iterdir()] == ["step_00000002"] and (folder / ".retro-run-dir").is_file()
+    assert [p.name for p in target.iterdir()] == ["metrics.jsonl"] and str(aside) in said[0]
+    assert checkpoint.supersede(run, said.append) is None and len(said) == 2  # nothing left to move
+
+
 def test_export_reads_the_checkpoints_own_record_and_its_cwd(tmp_path):
     """export used to read max_mean from RUN/config.json (which a later run may rewrite) and resolve a
     relative model.path against the cwd of the export, not of the run."""

@@ -170,3 +170,29 @@ def test_resume_none_over_checkpoints_needs_force(tmp_path):
         and "superseded" in said[0]
         and "nothing is deleted" in said[0]
     )
+
+
+def test_a_checkpoints_folder_linked_from_two_run_dirs_is_refused(tmp_path):
+    """Probe 29 of issue 24: RUN_A/checkpoints and RUN_B/checkpoints linked to one folder made B resume from and
+    prune A's checkpoints. The folder now records its run directory; another is refused while the owner links
+    to it, and takes it over (with a note) once the owner is gone."""
+    shared = tmp_path / "scratch" / "ckpts"
+    shared.mkdir(parents=True)
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    for run in (run_a, run_b):
+        run.mkdir()
+        (run / "checkpoints").symlink_to(shared)
+    notes: list[str] = []
+    run_lock.claim_linked_checkpoints(run_a, notes.append)
+    run_lock.claim_linked_checkpoints(run_a, notes.append)  # its own claim: accepted again
+    assert (shared / run_lock.CLAIM_NAME).read_text().strip() == str(run_a.resolve()) and not notes
+    with pytest.raises(ConfigError, match=f"holds the checkpoints of the run directory {run_a.resolve()}"):
+        run_lock.claim_linked_checkpoints(run_b, notes.append)
+    (run_a / "checkpoints").unlink()  # A no longer links there: B may have the folder
+    run_lock.claim_linked_checkpoints(run_b, notes.append)
+    assert (shared / run_lock.CLAIM_NAME).read_text().strip() == str(run_b.resolve())
+    assert len(notes) == 1 and f"belonged to {run_a.resolve()}" in notes[0]
+    plain = tmp_path / "c"
+    (plain / "checkpoints").mkdir(parents=True)
+    run_lock.claim_linked_checkpoints(plain)  # a folder of its own: nothing recorded
+    assert not (plain / "checkpoints" / run_lock.CLAIM_NAME).exists()
