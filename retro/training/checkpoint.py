@@ -206,6 +206,16 @@ def check_fresh_start(out_dir: Path, resume: str, keep_last: int, force: bool, s
     )
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or `path-1`, `path-2`, ... if taken (two set-asides within one second)."""
+    candidate = path
+    for suffix in range(1, 1000):
+        if not candidate.exists():
+            break
+        candidate = path.with_name(f"{path.name}-{suffix}")
+    return candidate
+
+
 def supersede(out_dir: Path, say=print) -> Path | None:
     """Move an earlier run's files (RUN_FILES) into OUT/superseded/<UTC time>/, so a fresh start in
     out_dir neither mixes with them nor deletes them; returns where they went (None: there were none)."""
@@ -221,11 +231,7 @@ def supersede(out_dir: Path, say=print) -> Path | None:
     ]
     if not present:
         return None
-    target = out_dir / SUPERSEDED / stamp
-    for suffix in range(1, 1000):  # two fresh starts within one second
-        if not target.exists():
-            break
-        target = out_dir / SUPERSEDED / f"{stamp}-{suffix}"
+    target = _unused(out_dir / SUPERSEDED / stamp)
     target.mkdir(parents=True)
     for path in present:
         path.rename(target / path.name)
@@ -240,11 +246,7 @@ def _set_aside_in_linked_folder(link: Path, stamp: str, say) -> None:
     earlier = [p for p in folder.iterdir() if p.name != LINK_CLAIM_NAME and not p.name.startswith("superseded-")]
     if not earlier:
         return
-    target = folder / f"superseded-{stamp}"
-    for suffix in range(1, 1000):
-        if not target.exists():
-            break
-        target = folder / f"superseded-{stamp}-{suffix}"
+    target = _unused(folder / f"superseded-{stamp}")
     target.mkdir()
     for path in earlier:
         path.rename(target / path.name)
@@ -264,11 +266,7 @@ def set_aside_other_branches(out_dir: Path, run_id: str | None, step: int, say=p
     if not others:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = out_dir / SUPERSEDED / stamp
-    for suffix in range(1, 1000):
-        if not target.exists():
-            break
-        target = out_dir / SUPERSEDED / f"{stamp}-{suffix}"
+    target = _unused(out_dir / SUPERSEDED / stamp)
     (target / "checkpoints").mkdir(parents=True)
     for path in others:
         path.rename(target / "checkpoints" / path.name)

@@ -72,6 +72,18 @@ def setup(tmp_path_factory):
     return paths
 
 
+def line_shards(setup, tmp_path: Path, lines: int) -> Path:
+    """Shards of numbered lines (half of them the val split), tokenized with the recurrent model's tokenizer."""
+    from retro.data.prepare import main as prepare_main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"Line {i}: the cat sat on mat number {i * 7}.\n" for i in range(lines)))
+    shards = tmp_path / "shards"
+    prepare = ["--input", text, "--tokenizer", setup["recurrent"], "--out", shards, "--val-fraction", "0.5"]
+    assert prepare_main([str(a) for a in [*prepare, "--quiet"]]) == 0
+    return shards
+
+
 def run_eval(capsys, *args) -> tuple[int, str, str]:
     rc = main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -346,13 +358,7 @@ def test_exit_rules_with_fixed_r_beside(setup, tmp_path, capsys):
 def test_loss_under_adaptive_exit(setup, tmp_path, capsys):
     """--task loss with exit rules decodes each row token by token: a rule that never exits (kl:0) gives the
     fixed-r loss of one forward, a rule that always exits uses 2 passes per token after the first."""
-    from retro.data.prepare import main as prepare_main
-
-    text = tmp_path / "corpus.txt"
-    text.write_text("".join(f"Line {i}: the cat sat on mat number {i * 7}.\n" for i in range(40)))
-    shards = tmp_path / "shards"
-    prepare = ["--input", text, "--tokenizer", setup["recurrent"], "--out", shards, "--val-fraction", "0.5"]
-    assert prepare_main([str(a) for a in [*prepare, "--quiet"]]) == 0
+    shards = line_shards(setup, tmp_path, 40)
     out = tmp_path / "loss"
     rc, _, err = run_eval(
         capsys,
@@ -487,13 +493,8 @@ def test_adaptive_exit_benchmark_on_a_model_and_its_shards(setup, tmp_path):
     never exits (kl:0) has fixed r_max's loss and tokens, the sweep runs each share, the report renders."""
     from benchmarks.adaptive_exit import main as bench_main
     from benchmarks.adaptive_exit import markdown
-    from retro.data.prepare import main as prepare_main
 
-    text = tmp_path / "corpus.txt"
-    text.write_text("".join(f"Line {i}: the cat sat on mat number {i * 7}.\n" for i in range(60)))
-    shards = tmp_path / "shards"
-    prepare = ["--input", text, "--tokenizer", setup["recurrent"], "--out", shards, "--val-fraction", "0.5"]
-    assert prepare_main([str(a) for a in [*prepare, "--quiet"]]) == 0
+    shards = line_shards(setup, tmp_path, 60)
     out = tmp_path / "bench"
     argv = ["--model", setup["recurrent"], "--data", shards, "--r-max", "3", "--fixed", "1,3", "--rules", "kl:0"]
     argv += ["--seq-len", "16", "--val-rows", "2", "--val-batches", "2", "--prompt-len", "4", "--gen-tokens", "3"]
